@@ -1,0 +1,70 @@
+"""`mcjax <command>`: prep and train now; eval, bench and infer plug in the same way.
+
+Every command takes `--config FILE` and trailing `a.b=value` overrides. Errors a user
+can cause are printed as one line (`mcjax: error: ...`) with exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mcjax.errors import UserError
+
+DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
+
+
+def _load(args):
+    from mcjax.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prep(args) -> None:
+    cfg = _load(args)
+    from mcjax.data.prep import prepare
+
+    prepare(cfg, force=args.force)
+
+
+def cmd_train(args) -> None:
+    cfg = _load(args)  # config errors first, before the heavy imports
+    from mcjax.train.loop import train
+
+    train(cfg, resume=args.resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name: str, fn, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("prep", cmd_prep, "tokenize the dataset's sources into Arrow train/val files")
+    p.add_argument("--force", action="store_true", help="rebuild even if the files are up to date")
+    p = command("train", cmd_train, "train (prepares the data first if needed)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"mcjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mcjax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Experiment configuration: typed dataclasses loaded from one YAML file per experiment.
+
+`load_config(path, overrides)` reads `configs/<name>.yaml`, applies `a.b=value` overrides,
+checks every key and type, and returns a frozen `Config`. Anything wrong raises
+`ConfigError` with one line naming the key and the file. The schema follows the
+"Configuration Mirroring" section of the telemetry spec (name, dataset, base_model,
+gistnet, lensnet) and adds training, mesh, telemetry and checkpoint sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mcjax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    # A glob of .txt/.py files (relative to the working directory), or a built-in corpus:
+    # "builtin:shakespeare", "builtin:python", "builtin" (both).
+    source: str
+    output_path: str  # the Arrow file `mcjax prep` writes
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    splits: dict[str, SplitConfig]  # "train" is required; "val" is optional
+    dataset_name: str = "builtin"
+    tokenizer: str = "bpe"  # "bpe": train a byte-level BPE at prep; else a local tokenizer.json
+    vocab_size: int = 4096
+    block_size: int = 32  # K: tokens per LOD1 gist
+    context_tokens: int = 512  # T: tokens per training sequence
+    horizon: int = 32  # H: tokens over which ΔNLL is measured
+    val_fraction: float = 0.05  # share of sequences held out when train and val share a source
+    max_source_bytes: int = 0  # read at most this many bytes of source text per split; 0 = all
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+    name: Literal["gpt"] = "gpt"
+    depth: int = 12
+    model_dim: int = 0  # 0 = 64 * depth (the nanochat rule)
+    head_dim: int = 128
+    softcap: float = 15.0
+    rope_base: float = 10000.0
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
+    attention: Literal["auto", "cudnn", "xla"] = "auto"  # auto: cudnn on GPU, xla elsewhere
+    remat: Literal["none", "full", "save_dots"] = "none"
+    loss_chunk_tokens: int = 0  # head + cross-entropy in chunks of this many tokens; 0 = one chunk
+    loss_impl: Literal["fused", "recompute"] = "fused"  # see mcjax/model/xent.py
+
+
+@dataclasses.dataclass(frozen=True)
+class GistNetConfig:
+    kind: Literal["mean", "transformer"] = "transformer"
+    layers: int = 2
+    pooling: Literal["mean", "query", "cls"] = "mean"
+    head: Literal["linear", "mlp"] = "mlp"
+    num_heads: int = 0  # 0 = model_dim // head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class LensNetConfig:
+    layers: int = 2
+    num_heads: int = 0  # 0 = model_dim // head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 8  # sequences per optimizer step, across all devices
+    micro_batch_size: int = 0  # sequences per forward/backward pass; 0 = batch_size
+    max_steps: int = 0  # one of max_steps / token_budget must be > 0
+    token_budget: int = 0
+    matrix_lr: float = 0.02  # Muon, 2-D matrices
+    embedding_lr: float = 0.2  # AdamW, scaled by (model_dim / 768) ** -0.5
+    unembedding_lr: float = 0.004  # AdamW, scaled likewise
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup_steps: int = 300
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    seed: int = 0
+    eval_every_tokens: int = 0  # 0 = only at the end
+    eval_tokens: int = 65536  # validation tokens per evaluation
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1 = all devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    out_dir: str = "artifacts"
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    wandb_project: str = "mcjax"
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+    log_every_tokens: int = 0  # 0 = every step
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_tokens: int = 0  # 0 = only at the end
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    dataset: DatasetConfig
+    base_model: BaseModelConfig = BaseModelConfig()
+    gistnet: GistNetConfig = GistNetConfig()
+    lensnet: LensNetConfig = LensNetConfig()
+    training: TrainingConfig = TrainingConfig()
+    mesh: MeshConfig = MeshConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run_name: str = ""  # "" = name
+    source_file: str = dataclasses.field(default="<memory>", compare=False)
+
+    @property
+    def run(self) -> str:
+        return self.run_name or self.name
+
+    @property
+    def model_dim(self) -> int:
+        return self.base_model.model_dim or 64 * self.base_model.depth
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.training.batch_size * self.dataset.context_tokens
+
+    @property
+    def total_steps(self) -> int:
+        t = self.training
+        return t.max_steps or max(1, t.token_budget // self.tokens_per_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_file")
+        return d
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides, type-check and validate it."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item, where)
+    cfg = _build(Config, raw, "", where)
+    cfg = dataclasses.replace(cfg, source_file=where)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<memory>") -> Config:
+    cfg = dataclasses.replace(_build(Config, raw, "", where), source_file=where)
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str, where: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}': expected key.path=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: override '{item}': {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {section}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}: unknown key {prefix}{key} (known in {section}: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key {prefix}{name}")
+            continue
+        kwargs[name] = _convert(hints[name], raw[name], f"{prefix}{name}", where)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: {key}: must be one of {', '.join(map(str, choices))}, got {_show(value)}"
+            )
+        return value
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {_show(value)}")
+        return {str(k): _convert(vt, v, f"{key}.{k}", where) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner, value, key, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file, not input
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one key. Raises ConfigError naming the key and file."""
+    where = cfg.source_file
+
+    def fail(key: str, msg: str) -> typing.NoReturn:
+        raise ConfigError(f"{where}: {key}: {msg}")
+
+    d, m, t = cfg.dataset, cfg.base_model, cfg.training
+    if not cfg.name:
+        fail("name", "must not be empty")
+    if "train" not in d.splits:
+        fail("dataset.splits", "needs a 'train' split")
+    unknown = set(d.splits) - {"train", "val"}
+    if unknown:
+        fail("dataset.splits", f"unknown split(s) {sorted(unknown)}; use train and val")
+    for name, s in d.splits.items():
+        if not s.source:
+            fail(f"dataset.splits.{name}.source", "must not be empty")
+        if not s.output_path:
+            fail(f"dataset.splits.{name}.output_path", "must not be empty")
+    if d.block_size < 1:
+        fail("dataset.block_size", f"must be ≥ 1, got {d.block_size}")
+    if d.context_tokens < d.block_size or d.context_tokens % d.block_size:
+        fail(
+            "dataset.context_tokens",
+            f"must be a positive multiple of dataset.block_size ({d.block_size}), "
+            f"got {d.context_tokens}",
+        )
+    if not 0 < d.horizon < d.context_tokens:
+        fail("dataset.horizon", f"must be in [1, context_tokens={d.context_tokens}), got {d.horizon}")
+    if not 256 + 8 <= d.vocab_size <= 2**31 - 1:
+        fail("dataset.vocab_size", f"must be ≥ 264 (bytes + specials), got {d.vocab_size}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        fail("dataset.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    if d.max_source_bytes < 0:
+        fail("dataset.max_source_bytes", f"must be ≥ 0, got {d.max_source_bytes}")
+
+    if m.depth < 1:
+        fail("base_model.depth", f"must be ≥ 1, got {m.depth}")
+    if m.head_dim < 2 or m.head_dim % 2:
+        fail("base_model.head_dim", f"must be an even number ≥ 2, got {m.head_dim}")
+    if cfg.model_dim % m.head_dim:
+        fail(
+            "base_model.model_dim",
+            f"{cfg.model_dim} is not a multiple of base_model.head_dim ({m.head_dim})",
+        )
+    if m.softcap < 0:
+        fail("base_model.softcap", f"must be ≥ 0 (0 disables), got {m.softcap}")
+    if m.loss_chunk_tokens < 0:
+        fail("base_model.loss_chunk_tokens", f"must be ≥ 0, got {m.loss_chunk_tokens}")
+
+    if cfg.gistnet.layers < 1:
+        fail("gistnet.layers", f"must be ≥ 1, got {cfg.gistnet.layers}")
+    if cfg.lensnet.layers < 1:
+        fail("lensnet.layers", f"must be ≥ 1, got {cfg.lensnet.layers}")
+
+    if t.batch_size < 1:
+        fail("training.batch_size", f"must be ≥ 1, got {t.batch_size}")
+    micro = t.micro_batch_size or t.batch_size
+    if micro < 1 or t.batch_size % micro:
+        fail(
+            "training.micro_batch_size",
+            f"must divide training.batch_size ({t.batch_size}), got {t.micro_batch_size}",
+        )
+    if t.max_steps < 0 or t.token_budget < 0:
+        fail("training.max_steps", "max_steps and token_budget must be ≥ 0")
+    if (t.max_steps > 0) == (t.token_budget > 0):
+        fail("training.max_steps", "set exactly one of training.max_steps and training.token_budget")
+    for key in ("matrix_lr", "embedding_lr", "unembedding_lr"):
+        if getattr(t, key) < 0:
+            fail(f"training.{key}", f"must be ≥ 0, got {getattr(t, key)}")
+    for key in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            fail(f"training.{key}", f"must be in [0, 1), got {getattr(t, key)}")
+    for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        if not 0.0 <= getattr(t, key) <= 1.0:
+            fail(f"training.{key}", f"must be in [0, 1], got {getattr(t, key)}")
+    if t.warmup_ratio + t.warmdown_ratio > 1.0:
+        fail("training.warmdown_ratio", "warmup_ratio + warmdown_ratio must be ≤ 1")
+    if t.grad_clip < 0:
+        fail("training.grad_clip", f"must be ≥ 0 (0 disables), got {t.grad_clip}")
+    if t.eval_every_tokens < 0 or t.eval_tokens < 0:
+        fail("training.eval_tokens", "eval_every_tokens and eval_tokens must be ≥ 0")
+
+    for key in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, key)
+        if v == 0 or v < -1:
+            fail(f"mesh.{key}", f"must be ≥ 1 or -1 (fill), got {v}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        fail("mesh", "at most one axis may be -1")
+    if cfg.checkpoint.keep < 1:
+        fail("checkpoint.keep", f"must be ≥ 1, got {cfg.checkpoint.keep}")
+    if cfg.checkpoint.every_tokens < 0:
+        fail("checkpoint.every_tokens", f"must be ≥ 0, got {cfg.checkpoint.every_tokens}")
+    if cfg.telemetry.log_every_tokens < 0:
+        fail("telemetry.log_every_tokens", f"must be ≥ 0, got {cfg.telemetry.log_every_tokens}")
+
+
+def mesh_shape(cfg: Config, num_devices: int) -> dict[str, int]:
+    """Resolve the mesh axes against the devices present; ConfigError if they don't divide."""
+    axes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    fixed = math.prod(v for v in axes.values() if v != -1)
+    if num_devices % fixed:
+        raise ConfigError(
+            f"{cfg.source_file}: mesh: data×fsdp×tensor = {fixed} does not divide the "
+            f"{num_devices} devices present"
+        )
+    for k, v in axes.items():
+        if v == -1:
+            axes[k] = num_devices // fixed
+    if math.prod(axes.values()) != num_devices:
+        raise ConfigError(
+            f"{cfg.source_file}: mesh: data×fsdp×tensor = {math.prod(axes.values())} but "
+            f"{num_devices} devices are present (set one axis to -1 to fill)"
+        )
+    batch_shards = axes["data"] * axes["fsdp"]
+    micro = cfg.training.micro_batch_size or cfg.training.batch_size
+    if micro % batch_shards:
+        raise ConfigError(
+            f"{cfg.source_file}: training.micro_batch_size: {micro} sequences per micro-step "
+            f"do not split over data×fsdp = {batch_shards} devices"
+        )
+    return axes
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Mirror the resolved config beside a run (what `load_config` would read back)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

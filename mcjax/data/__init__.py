@@ -1,0 +1,1 @@
+"""Data layer: corpora (`corpus`), tokenizer (`tokenizer`), prep to Arrow (`prep`), input pipeline (`pipeline`)."""

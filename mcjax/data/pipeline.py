@@ -1,0 +1,142 @@
+"""Input pipeline: prepared Arrow rows → batches of token ids, on grain.
+
+`ArrowSequences(path)` is a memory-mapped random-access source of `[T+1]` int32 rows.
+`train_iterator(...)` shards the rows by process, shuffles them with a new order every epoch,
+repeats forever, batches to `[B, T+1]` and prefetches in threads; its `get_state()` is a small
+JSON-able dict and `set_state()` on a fresh iterator resumes exactly.
+`eval_batches(...)` yields the first rows in order, for validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import pyarrow as pa
+
+from mcjax.errors import DataError
+
+
+class ArrowSequences:
+    """Random-access rows of a prepared Arrow file: `ds[i]` → `[T+1]` int32.
+
+    Implements grain's RandomAccessDataSource protocol (`__len__`, `__getitem__`). The file is
+    memory-mapped (opened once here to check it); a pickled copy carries only the path and
+    row index and reopens the file on first use, so grain worker processes can use it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._reader: pa.ipc.RecordBatchFileReader | None = None
+        self._open()  # fail now, with a clear message, rather than inside a worker
+        assert self._reader is not None
+        self.width = self._reader.schema.field("tokens").type.list_size  # T + 1
+        sizes = [self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches)]
+        self._starts = np.cumsum([0, *sizes])
+        self._num_rows = int(self._starts[-1])
+        self._batches: list[np.ndarray | None] = [None] * len(sizes)
+
+    def _open(self) -> None:
+        fail = f"{self.path}: {{}}; run `mcjax prep` for this config"
+        if not Path(self.path).is_file():
+            raise DataError(fail.format("prepared data file not found"))
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(self.path, "r"))
+            field = reader.schema.field("tokens")
+        except (pa.ArrowException, KeyError, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(fail.format(f"not a valid prepared Arrow file ({msg})")) from None
+        if not pa.types.is_fixed_size_list(field.type):
+            raise DataError(fail.format(f"column 'tokens' has type {field.type}, not fixed_size_list"))
+        self._reader = reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        state["_batches"] = [None] * len(self._batches)
+        return state
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def _batch(self, b: int) -> np.ndarray:
+        """Record batch b as a zero-copy `[rows, T+1]` view of the mapped file."""
+        arr = self._batches[b]
+        if arr is None:
+            if self._reader is None:
+                self._open()
+            col = self._reader.get_batch(b).column(0)
+            flat = col.flatten().to_numpy(zero_copy_only=True)
+            arr = flat.reshape(-1, self.width)
+            self._batches[b] = arr
+        return arr
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """Row `index` → `[T+1]` int32."""
+        i = int(index)
+        if not 0 <= i < self._num_rows:
+            raise IndexError(f"row {i} out of range for {self._num_rows} rows in {self.path}")
+        b = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._batch(b)[i - self._starts[b]].astype(np.int32)
+
+    def __repr__(self) -> str:
+        return f"ArrowSequences({self.path!r}, rows={self._num_rows}, width={self.width})"
+
+
+def train_iterator(
+    path: str | Path,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 2,
+    prefetch: int = 4,
+) -> grain.DatasetIterator:
+    """Endless shuffled batches `[batch_size, T+1]` int32 of this process's share of rows.
+
+    Process p reads rows p, p + P, p + 2P, ... (disjoint across processes). Each epoch over
+    that share is a fresh seeded permutation; batches may straddle epoch boundaries.
+    """
+    source = ArrowSequences(path)
+    share = len(range(process_index, len(source), process_count))
+    if share < batch_size:
+        raise DataError(
+            f"{path}: process {process_index}/{process_count} gets {share} rows, "
+            f"fewer than the batch size {batch_size}"
+        )
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(
+    path: str | Path,
+    *,
+    batch_size: int,
+    max_rows: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[np.ndarray]:
+    """Yield `[batch_size, T+1]` int32 batches over the first `max_rows` rows, in order.
+
+    Step k covers global rows [k*B*P, (k+1)*B*P) (B = batch_size, P = process_count) and
+    process p gets the p-th slice of B rows, so every process yields the same number of
+    batches and together they cover the rows once. Rows that do not fill a step are dropped,
+    but at least one step is yielded.
+    """
+    source = ArrowSequences(path)
+    per_step = batch_size * process_count
+    if len(source) < per_step:
+        raise DataError(
+            f"{path}: {len(source)} rows, fewer than one eval step of {batch_size} rows × "
+            f"{process_count} process(es)"
+        )
+    steps = max(1, min(max_rows, len(source)) // per_step)
+    for k in range(steps):
+        start = k * per_step + process_index * batch_size
+        yield np.stack([source[i] for i in range(start, start + batch_size)])

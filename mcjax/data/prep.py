@@ -1,0 +1,271 @@
+"""`mcjax prep`: turn the configured text sources into Arrow files of fixed-length token rows.
+
+For each split: read its documents, encode each with `<|bos|>` prepended, concatenate into one
+token stream and cut it into rows of T+1 tokens (T = dataset.context_tokens):
+
+    row i = stream[i*T : i*T + T + 1]      consecutive rows overlap by exactly one token
+
+so every one of a row's T input positions has a next-token target, and the T inputs are T/K
+blocks of K = dataset.block_size tokens. When train and val share a source, val is a seeded
+random selection of max(1, round(val_fraction * n)) of the n rows and train is the rest (both
+in ascending row order).
+
+Each split is written as an Arrow IPC file with one column `tokens: fixed_size_list<uint16|int32,
+T+1>`; `tokenizer.json` and `meta.json` go beside the train file. Everything is built in memory
+and in a temporary directory first, then moved into place (meta.json last), so a failure leaves
+no half-written output. Same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mcjax.config import Config
+from mcjax.data.corpus import Document, read_documents
+from mcjax.data.tokenizer import Tokenizer, train_bpe
+from mcjax.errors import ConfigError, DataError
+
+BATCH_ROWS = 4096  # rows per Arrow record batch
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def meta_path(cfg: Config) -> Path:
+    return Path(cfg.dataset.splits["train"].output_path).parent / META_FILE
+
+
+def tokenizer_path(cfg: Config) -> Path:
+    """Where prep writes (and training reads) the tokenizer: beside the train Arrow file."""
+    return Path(cfg.dataset.splits["train"].output_path).parent / TOKENIZER_FILE
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """sha256 of the dataset section and training.seed: what the prepared files depend on."""
+    payload = {"dataset": dataclasses.asdict(cfg.dataset), "seed": cfg.training.seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def is_prepared(cfg: Config) -> bool:
+    """True iff meta.json exists, matches this config's fingerprint and every output exists."""
+    try:
+        meta = json.loads(meta_path(cfg).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("config_fingerprint") != config_fingerprint(cfg):
+        return False
+    outputs = [Path(s.output_path) for s in cfg.dataset.splits.values()] + [tokenizer_path(cfg)]
+    return all(p.is_file() for p in outputs)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare(cfg: Config, *, force: bool = False, log: Log = print) -> dict[str, Any]:
+    """Build every split's Arrow file plus tokenizer.json and meta.json; returns the meta dict.
+
+    Skips the work (and returns the existing meta) when `is_prepared(cfg)` unless `force`.
+    """
+    if not force and is_prepared(cfg):
+        log(f"prep: {meta_path(cfg).parent} is up to date (use --force to rebuild)")
+        return {**json.loads(meta_path(cfg).read_text()), "skipped": True}
+
+    d = cfg.dataset
+    names = ["train"] + sorted(n for n in d.splits if n != "train")
+    docs: dict[str, list[Document]] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        source = d.splits[name].source
+        if source not in docs:
+            docs[source] = read_documents(
+                source,
+                key=f"dataset.splits.{name}.source",
+                where=cfg.source_file,
+                max_bytes=d.max_source_bytes,
+            )
+        seconds[name] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tok = _tokenizer(cfg, docs[d.splits["train"].source])
+    log(f"prep: tokenizer {d.tokenizer!r}: vocab {tok.vocab_size} ({time.perf_counter() - t0:.1f}s)")
+
+    rows: dict[str, np.ndarray] = {}
+    streams: dict[str, np.ndarray] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        source = d.splits[name].source
+        if source not in streams:
+            streams[source] = token_stream(tok, docs[source])
+        rows[name] = _rows_or_fail(cfg, name, streams[source])
+        seconds[name] += time.perf_counter() - t0
+    if "val" in d.splits and d.splits["val"].source == d.splits["train"].source:
+        rows["train"], rows["val"] = _hold_out(cfg, rows["train"])
+
+    meta = _write_all(cfg, tok, rows, docs)
+    for name in names:
+        s = meta["splits"][name]
+        log(
+            f"prep: {name}: {s['rows']} rows × {d.context_tokens + 1} tokens "
+            f"({s['tokens']} tokens, {s['documents']} documents) in {seconds[name]:.1f}s "
+            f"→ {s['path']}"
+        )
+    return {**meta, "skipped": False}
+
+
+def _tokenizer(cfg: Config, train_docs: list[Document]) -> Tokenizer:
+    d = cfg.dataset
+    if d.tokenizer == "bpe":
+        return train_bpe((text for _, text in train_docs), d.vocab_size)
+    tok = Tokenizer.load(os.path.expanduser(d.tokenizer))
+    if tok.vocab_size > d.vocab_size:
+        raise ConfigError(
+            f"{cfg.source_file}: dataset.vocab_size: {d.vocab_size} is smaller than the "
+            f"{tok.vocab_size} tokens of {d.tokenizer}"
+        )
+    return tok
+
+
+def token_stream(tok: Tokenizer, docs: list[Document]) -> np.ndarray:
+    """All documents as one stream `[N]` int64: bos, doc 0 tokens, bos, doc 1 tokens, ..."""
+    ids = tok.encode_batch([text for _, text in docs])
+    bos = np.array([tok.bos_id], dtype=np.int64)
+    return np.concatenate([part for seq in ids for part in (bos, np.asarray(seq, np.int64))])
+
+
+def cut_rows(stream: np.ndarray, context_tokens: int) -> np.ndarray:
+    """`[N]` stream → `[n, T+1]` rows, row i = stream[i*T : i*T+T+1]; n = (N-1) // T."""
+    t = context_tokens
+    n = max(0, (len(stream) - 1) // t)
+    if n == 0:
+        return np.zeros((0, t + 1), dtype=stream.dtype)
+    windows = np.lib.stride_tricks.sliding_window_view(stream, t + 1)
+    return np.ascontiguousarray(windows[: n * t : t])
+
+
+def _rows_or_fail(cfg: Config, name: str, stream: np.ndarray) -> np.ndarray:
+    t = cfg.dataset.context_tokens
+    rows = cut_rows(stream, t)
+    if len(rows) == 0:
+        raise DataError(
+            f"{cfg.source_file}: dataset.splits.{name}: source "
+            f"'{cfg.dataset.splits[name].source}' gives {len(stream)} tokens, fewer than the "
+            f"context_tokens + 1 = {t + 1} one row needs"
+        )
+    return rows
+
+
+def _hold_out(cfg: Config, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shared source: seeded split of `[n, T+1]` rows into (train, val), each ascending."""
+    n = len(rows)
+    n_val = max(1, round(cfg.dataset.val_fraction * n))
+    if n - n_val < 1:
+        raise DataError(
+            f"{cfg.source_file}: dataset.splits.train: source "
+            f"'{cfg.dataset.splits['train'].source}' gives only {n} row(s) of "
+            f"{cfg.dataset.context_tokens + 1} tokens; need ≥ 2 to hold out val"
+        )
+    perm = np.random.default_rng(cfg.training.seed).permutation(n)
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return rows[train_idx], rows[val_idx]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_arrow(path: Path, rows: np.ndarray, *, cfg: Config, tok: Tokenizer) -> None:
+    """Write `[n, T+1]` rows as an Arrow IPC file, column `tokens`, ≤ BATCH_ROWS per batch."""
+    d = cfg.dataset
+    width = d.context_tokens + 1
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+    value_type = pa.uint16() if dtype == np.uint16 else pa.int32()
+    metadata = {
+        "block_size": str(d.block_size),
+        "context_tokens": str(d.context_tokens),
+        "vocab_size": str(tok.vocab_size),
+        "bos_id": str(tok.bos_id),
+    }
+    schema = pa.schema([pa.field("tokens", pa.list_(value_type, width))], metadata=metadata)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, len(rows), BATCH_ROWS):
+            chunk = rows[start : start + BATCH_ROWS].astype(dtype).reshape(-1)
+            col = pa.FixedSizeListArray.from_arrays(pa.array(chunk, type=value_type), width)
+            writer.write_batch(pa.record_batch([col], schema=schema))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_all(
+    cfg: Config, tok: Tokenizer, rows: dict[str, np.ndarray], docs: dict[str, list[Document]]
+) -> dict[str, Any]:
+    """Write every file into temp dirs beside the outputs, then move them into place."""
+    d = cfg.dataset
+    t = d.context_tokens
+    targets = {name: Path(s.output_path) for name, s in d.splits.items()}
+    targets[TOKENIZER_FILE] = tokenizer_path(cfg)
+    targets[META_FILE] = meta_path(cfg)
+    temps: dict[Path, Path] = {}  # output directory → its temp directory
+    try:
+        for p in targets.values():
+            if p.parent not in temps:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                temps[p.parent] = Path(tempfile.mkdtemp(prefix=".prep-", dir=p.parent))
+        staged = {k: temps[p.parent] / p.name for k, p in targets.items()}
+
+        splits: dict[str, Any] = {}
+        for name, r in rows.items():
+            write_arrow(staged[name], r, cfg=cfg, tok=tok)
+            source = d.splits[name].source
+            splits[name] = {
+                "source": source,
+                "path": d.splits[name].output_path,
+                "documents": len(docs[source]),
+                "rows": int(len(r)),
+                "tokens": int(len(r) * t),
+                "sha256": _sha256(staged[name]),
+            }
+        tok.save(staged[TOKENIZER_FILE])
+        meta = {
+            "dataset_name": d.dataset_name,
+            "tokenizer": d.tokenizer,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "context_tokens": t,
+            "block_size": d.block_size,
+            "splits": splits,
+            "tokenizer_sha256": _sha256(staged[TOKENIZER_FILE]),
+            "config_fingerprint": config_fingerprint(cfg),
+        }
+        staged[META_FILE].write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+        targets[META_FILE].unlink(missing_ok=True)  # stale meta must not vouch for new files
+        for key, p in targets.items():
+            if key != META_FILE:
+                os.replace(staged[key], p)
+        os.replace(staged[META_FILE], targets[META_FILE])
+        return meta
+    finally:
+        for tmp in temps.values():
+            shutil.rmtree(tmp, ignore_errors=True)

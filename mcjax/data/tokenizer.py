@@ -1,0 +1,86 @@
+"""A small byte-level BPE tokenizer: a thin wrapper over HF `tokenizers`.
+
+`train_bpe(texts, vocab_size)` trains deterministically (same texts → byte-identical
+tokenizer.json); `Tokenizer.load(path)` reads a local tokenizer.json. Id 0 is `<|bos|>`,
+which prep puts before every document; `<|pad|>` is reserved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from mcjax.errors import DataError
+
+BOS = "<|bos|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (BOS, PAD)
+
+
+class Tokenizer:
+    """Encode text to token ids and back. Wraps a `tokenizers.Tokenizer`."""
+
+    def __init__(self, hf: tokenizers.Tokenizer):
+        self.hf = hf
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Read a tokenizer.json; DataError naming the path if it is missing or invalid."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: tokenizer file not found")
+        try:
+            hf = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{path}: not a valid tokenizer.json: {first}") from None
+        tok = cls(hf)
+        if tok.hf.token_to_id(BOS) is None:
+            raise DataError(f"{path}: tokenizer has no {BOS} token")
+        return tok
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json (compact, deterministic)."""
+        Path(path).write_text(self.to_json())
+
+    def to_json(self) -> str:
+        return self.hf.to_str(pretty=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        bos = self.hf.token_to_id(BOS)
+        assert bos is not None  # checked at load/train
+        return bos
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode each text (no special tokens added) → one id list per text."""
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids → text; special tokens (bos) are kept so document boundaries stay visible."""
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` tokens (256 bytes + specials + merges)."""
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    tok = Tokenizer(hf)
+    assert tok.bos_id == 0, tok.bos_id
+    return tok
+

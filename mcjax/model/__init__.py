@@ -1,0 +1,1 @@
+"""Pure Flax modules: the base GPT, rotary embeddings, the fused cross-entropy."""

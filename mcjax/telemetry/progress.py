@@ -1,0 +1,71 @@
+"""Terminal progress: a tqdm bar showing step/total, loss and tok/s.
+
+When stderr is not a terminal (CI, redirected logs) there is no bar; instead one plain line is
+written about every 10% of the steps, so logs still show progress. A disabled `Progress`
+(e.g. on processes other than 0) writes nothing at all.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if math.isfinite(x) else "nan"
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if math.isfinite(x) else "-"
+
+
+class Progress:
+    """A progress bar over `total_steps` optimizer steps, starting at `initial`."""
+
+    def __init__(self, total_steps: int, *, initial: int = 0, enabled: bool = True) -> None:
+        self.total = max(1, int(total_steps))
+        self.enabled = enabled
+        self._bar: tqdm | None = None
+        self._every = max(1, math.ceil(self.total / 10))
+        self._last_line = initial
+        if enabled and sys.stderr.isatty():
+            self._bar = tqdm(
+                total=self.total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
+
+    def update(self, step: int, loss: float, tok_per_sec: float, extra: dict[str, Any] | None = None) -> None:
+        """Move to `step` (steps done so far) and show the latest loss and throughput."""
+        if not self.enabled:
+            return
+        fields = {"loss": _fmt(float(loss)), "tok/s": _rate(float(tok_per_sec))}
+        fields.update({k: (_fmt(v) if isinstance(v, float) else str(v)) for k, v in (extra or {}).items()})
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(fields, refresh=True)
+        elif step - self._last_line >= self._every or step >= self.total:
+            if step != self._last_line:
+                self._last_line = step
+                info = ", ".join(f"{k} {v}" for k, v in fields.items())
+                self._plain(f"step {step}/{self.total} ({100 * step / self.total:.0f}%): {info}")
+
+    def write(self, line: str) -> None:
+        """Print a line above the bar (or plainly, without one)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            tqdm.write(line, file=sys.stderr)
+        else:
+            self._plain(line)
+
+    def _plain(self, line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.enabled = False

@@ -1,0 +1,1 @@
+"""Training: optimizers, sharding, the jitted step, checkpoints and the host loop."""

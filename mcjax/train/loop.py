@@ -1,0 +1,227 @@
+"""The host training loop: setup, loop, log — in that order.
+
+Everything with side effects lives here (data, logging, evaluation and checkpoint
+cadence); the device work is the one jitted step from `step.py`. Cadences are keyed
+on tokens seen, so runs with different batch sizes stay comparable.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax.checkpoint import Checkpointer
+from mcjax.config import Config
+from mcjax.data.pipeline import eval_batches, train_iterator
+from mcjax.data.prep import is_prepared, prepare, tokenizer_path
+from mcjax.data.tokenizer import Tokenizer
+from mcjax.errors import UserError
+from mcjax.model.gpt import build_gpt
+from mcjax.telemetry import Telemetry
+from mcjax.telemetry.progress import Progress
+from mcjax.train import distributed
+from mcjax.train.flops import flops_per_token, mfu, peak_flops
+from mcjax.train.memory import device_memory
+from mcjax.train.optim import build_optimizer
+from mcjax.train.sharding import batch_sharding, global_batch, make_mesh, replicated
+from mcjax.train.state import abstract_state, create_state, state_shardings
+from mcjax.train.step import jit_train_step, make_eval_step, make_train_step
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Did the count pass a multiple of `every` in (before, after]? (0 = never)."""
+    return every > 0 and after // every > before // every
+
+
+def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each token stands for (0 for special tokens and unused ids). int32 [V]."""
+    out = np.zeros(vocab_size, np.int32)
+    special = {tok.bos_id}
+    for i in range(tok.vocab_size):
+        if i not in special:
+            out[i] = len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
+    """Train the GPT of `cfg`; returns the final report card (also written as summary.json)."""
+    distributed.maybe_initialize()
+    is_main = jax.process_index() == 0
+    log = log if is_main else (lambda *a, **k: None)
+
+    # ---------------------------------------------------------------- data
+    if not is_prepared(cfg):
+        if is_main:
+            log(f"preparing data for {cfg.dataset.dataset_name} (first run of this dataset config)")
+            prepare(cfg, log=log)
+        _barrier("prep")
+    tok = Tokenizer.load(tokenizer_path(cfg))
+    token_bytes = jnp.asarray(token_byte_lengths(tok, cfg.dataset.vocab_size))
+
+    # ---------------------------------------------------------------- model, optimizer, mesh
+    t, T = cfg.training, cfg.dataset.context_tokens
+    accum = t.grad_accum_steps
+    procs = jax.process_count()
+    if t.batch_size % (procs * accum):
+        raise UserError(
+            f"{cfg.source_file}: training.batch_size {t.batch_size} does not split into "
+            f"{accum} micro-steps on each of {procs} processes"
+        )
+    mesh = make_mesh(cfg)
+    model, tx = build_gpt(cfg), build_optimizer(cfg)
+    sample = jnp.zeros((1, T), jnp.int32)
+    shardings = state_shardings(model, tx, mesh, sample)
+    train_sh = batch_sharding(mesh, leading=1)  # [A, B, T+1]
+    eval_sh = batch_sharding(mesh, leading=0)  # [B, T+1]
+
+    out = Path(cfg.telemetry.out_dir)
+    run_dir, ckpt_dir = out / "runs" / cfg.run, out / "checkpoints" / cfg.run
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        raise UserError(
+            f"{ckpt_dir} already holds run '{cfg.run}' (step {latest}): pass --resume to continue "
+            f"it, or run_name=<new name> to start another"
+        )
+
+    local_batch = t.batch_size // procs
+    data = train_iterator(
+        cfg.dataset.splits["train"].output_path,
+        batch_size=local_batch,
+        seed=t.seed,
+        process_index=jax.process_index(),
+        process_count=procs,
+    )
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(abstract_state(model, tx, shardings, sample), latest)
+        data.set_state(data_state)
+        log(f"resumed '{cfg.run}' from step {latest} ({ckpt_dir})")
+    else:
+        if resume:
+            log(f"no checkpoint of '{cfg.run}' yet: starting from step 0")
+        state = create_state(model, tx, shardings, t.seed, sample)
+    start = int(state.step)
+
+    step_fn = jit_train_step(make_train_step(model, tx, cfg), shardings, train_sh, mesh)
+    eval_fn = jax.jit(
+        make_eval_step(model, cfg),
+        in_shardings=(shardings.params, eval_sh, replicated(mesh)),
+        out_shardings=replicated(mesh),
+    )
+
+    def evaluate(params) -> dict[str, float]:
+        if "val" not in cfg.dataset.splits or t.eval_tokens == 0:
+            return {}
+        micro = t.micro_batch_size or t.batch_size
+        sums: dict[str, float] = {}
+        for local in eval_batches(
+            cfg.dataset.splits["val"].output_path,
+            batch_size=micro // procs,
+            max_rows=max(micro, t.eval_tokens // T),
+            process_index=jax.process_index(),
+            process_count=procs,
+        ):
+            res = jax.device_get(eval_fn(params, global_batch(local, eval_sh), token_bytes))
+            for k, v in res.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {
+            "val/loss": sums["nll_sum"] / sums["tokens"],
+            "val/bpb": sums["text_nll_sum"] / (np.log(2) * max(sums["bytes"], 1.0)),
+        }
+
+    # ---------------------------------------------------------------- telemetry
+    total = cfg.total_steps
+    fpt = flops_per_token(cfg.base_model.depth, cfg.model_dim, cfg.dataset.vocab_size, T)
+    peak = peak_flops()
+    telemetry = Telemetry(cfg, run_dir, resume_step=start if latest is not None else None, is_main=is_main)
+    progress = Progress(total, initial=start, enabled=is_main and cfg.telemetry.progress)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    log(
+        f"run '{cfg.run}': {n_params / 1e6:.2f}M params, {jax.device_count()} device(s) "
+        f"{dict(mesh.shape)}, {total} steps × {cfg.tokens_per_step} tokens, "
+        f"{accum} micro-step(s), {fpt / 1e6:.1f} MFLOP/token"
+    )
+
+    # ---------------------------------------------------------------- loop
+    tps = cfg.tokens_per_step
+    rates: list[float] = []
+    last = {"time": None, "tokens": start * tps}
+    metrics_host: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        for step in range(start, total):
+            local = next(data).reshape(accum, local_batch // accum, T + 1)
+            state, metrics = step_fn(state, global_batch(local, train_sh))
+            done, tokens = step + 1, (step + 1) * tps
+            first = step == start
+            if first or crossed(tokens - tps, tokens, cfg.telemetry.log_every_tokens or tps) or done == total:
+                metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                row = dict(metrics_host)
+                row.update({
+                    "train/tokens": float(tokens),
+                    "train/tokens_per_step": float(tps),
+                    "train/grad_accum_steps": float(accum),
+                })
+                if last["time"] is not None:  # the first step's time is mostly compilation
+                    rate = (tokens - last["tokens"]) / (now - last["time"])
+                    rates.append(rate)
+                    row["train/tok_per_sec"] = rate
+                    if peak:
+                        row["train/mfu"] = mfu(rate, fpt, jax.device_count(), peak)
+                row.update(device_memory())
+                last.update(time=now, tokens=tokens)
+                telemetry.log(done, row)
+                progress.update(done, row["train/loss"], row.get("train/tok_per_sec", float("nan")))
+            if crossed(tokens - tps, tokens, t.eval_every_tokens) and done != total:
+                val = evaluate(state.params)
+                telemetry.log(done, val)
+                progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                last["time"] = time.perf_counter()  # keep evaluation out of tok/s
+            if crossed(tokens - tps, tokens, cfg.checkpoint.every_tokens) and done != total:
+                ckpt.save(done, state, data.get_state(), {"step": done, "tokens": tokens, "config": cfg.to_dict()})
+        if start < total or latest is None:
+            ckpt.save(total, state, data.get_state(), {"step": total, "tokens": total * tps, "config": cfg.to_dict()})
+        val = evaluate(state.params)
+        telemetry.log(total, val)
+    finally:
+        progress.close()
+        ckpt.close()
+
+    card = {
+        "steps": float(total),
+        "tokens": float(total * tps),
+        "train/loss": metrics_host.get("train/loss", float("nan")),
+        **val,
+        "train/tok_per_sec_median": float(round(statistics.median(rates))) if rates else float("nan"),
+        "wall_seconds": time.perf_counter() - started,
+        **device_memory(),
+    }
+    if rates and peak:
+        card["train/mfu_median"] = mfu(card["train/tok_per_sec_median"], fpt, jax.device_count(), peak)
+    telemetry.summary(card)
+    telemetry.close()
+    log(report_card(cfg.run, card))
+    return card
+
+
+def report_card(run: str, card: dict[str, float]) -> str:
+    """A short table of what the run achieved."""
+    width = max(len(k) for k in card)
+    lines = [f"── report card: {run} " + "─" * max(0, 40 - len(run))]
+    for k, v in card.items():
+        text = f"{v:,.0f}" if float(v).is_integer() and abs(v) >= 1 else f"{v:.4f}"
+        lines.append(f"  {k:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,132 @@
+"""Tests for mcjax.data.pipeline: the Arrow source, sharded/shuffled/resumable training batches
+and the in-order eval batches."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mcjax.config import config_from_dict
+from mcjax.data import prep
+from mcjax.data.pipeline import ArrowSequences, eval_batches, train_iterator
+from mcjax.errors import DataError
+
+T = 8
+N = 240  # rows; row i holds i*T, i*T+1, ..., i*T+T, so row id = row[0] // T
+
+
+@pytest.fixture(scope="module")
+def arrow(tmp_path_factory) -> Path:
+    """A synthetic prepared file of N rows in record batches of 50 rows."""
+    path = tmp_path_factory.mktemp("data") / "train.arrow"
+    cfg = config_from_dict({
+        "name": "t",
+        "dataset": {"context_tokens": T, "block_size": 4, "horizon": 4, "vocab_size": 4096,
+                    "splits": {"train": {"source": "unused", "output_path": str(path)}}},
+        "training": {"max_steps": 1},
+    })
+    rows = np.arange(N)[:, None] * T + np.arange(T + 1)[None, :]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(prep, "BATCH_ROWS", 50)
+        prep.write_arrow(path, rows, cfg=cfg, tok=SimpleNamespace(vocab_size=4096, bos_id=0))
+    return path
+
+
+def ids(batch: np.ndarray) -> list[int]:
+    return (batch[:, 0] // T).tolist()
+
+
+def take(it, n: int) -> list[np.ndarray]:
+    return [next(it) for _ in range(n)]
+
+
+def test_source_rows_dtype_and_pickling(arrow):
+    src = ArrowSequences(arrow)
+    assert len(src) == N and src.width == T + 1
+    for i in (0, 49, 50, 51, 199, N - 1):  # across record-batch edges
+        row = src[i]
+        assert row.dtype == np.int32 and row.shape == (T + 1,)
+        np.testing.assert_array_equal(row, i * T + np.arange(T + 1))
+    with pytest.raises(IndexError):
+        src[N]
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone[123], src[123])
+
+
+def test_source_errors_name_the_path_and_prep(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.arrow.*mcjax prep"):
+        ArrowSequences(tmp_path / "missing.arrow")
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow at all" * 10)
+    with pytest.raises(DataError, match=r"junk\.arrow: not a valid prepared Arrow file.*mcjax prep"):
+        ArrowSequences(tmp_path / "junk.arrow")
+
+
+def test_batches_shape_dtype(arrow):
+    it = train_iterator(arrow, batch_size=6, seed=0)
+    b = next(it)
+    assert b.shape == (6, T + 1) and b.dtype == np.int32
+    np.testing.assert_array_equal(b[:, 1:] - b[:, :-1], 1)  # whole rows, not mixed
+
+
+def test_each_epoch_is_a_new_permutation(arrow):
+    it = train_iterator(arrow, batch_size=10, seed=3)
+    seen = [i for b in take(it, 3 * N // 10) for i in ids(b)]
+    epochs = [seen[k * N:(k + 1) * N] for k in range(3)]
+    for e in epochs:
+        assert sorted(e) == list(range(N))
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(N))
+    again = [i for b in take(train_iterator(arrow, batch_size=10, seed=3), N // 10) for i in ids(b)]
+    assert again == epochs[0]
+    other = [i for b in take(train_iterator(arrow, batch_size=10, seed=4), N // 10) for i in ids(b)]
+    assert other != epochs[0]
+
+
+def test_processes_see_disjoint_shares(arrow):
+    shares = []
+    for p in range(3):
+        it = train_iterator(arrow, batch_size=8, seed=0, process_index=p, process_count=3)
+        shares.append({i for b in take(it, N // 3 // 8) for i in ids(b)})
+    assert all(len(s) == N // 3 for s in shares)
+    assert set().union(*shares) == set(range(N))
+    assert not (shares[0] & shares[1] or shares[0] & shares[2] or shares[1] & shares[2])
+
+
+@pytest.mark.parametrize("skip", [3, 10])  # process 1 has 120 rows: 10 batches of 11 = 110
+def test_state_round_trips_through_json_and_resumes_exactly(arrow, skip):
+    it = train_iterator(arrow, batch_size=11, seed=1, process_index=1, process_count=2)
+    take(it, skip)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 15)  # runs past at least one epoch end
+    fresh = train_iterator(arrow, batch_size=11, seed=1, process_index=1, process_count=2)
+    fresh.set_state(state)
+    for want, got in zip(expected, take(fresh, 15)):
+        np.testing.assert_array_equal(want, got)
+
+
+def test_too_few_rows_for_a_batch(arrow):
+    with pytest.raises(DataError, match="batch size"):
+        train_iterator(arrow, batch_size=N + 1, seed=0)
+
+
+def test_eval_batches_are_the_first_rows_in_order(arrow):
+    batches = list(eval_batches(arrow, batch_size=16, max_rows=100))
+    assert len(batches) == 6  # 96 rows; the partial 7th batch is dropped
+    assert all(b.shape == (16, T + 1) and b.dtype == np.int32 for b in batches)
+    assert [i for b in batches for i in ids(b)] == list(range(96))
+    assert len(list(eval_batches(arrow, batch_size=16, max_rows=5))) == 1  # at least one
+    assert len(list(eval_batches(arrow, batch_size=16, max_rows=10_000))) == N // 16
+    with pytest.raises(DataError, match="fewer than"):
+        list(eval_batches(arrow, batch_size=N + 1, max_rows=10))
+
+
+def test_eval_batches_split_over_processes(arrow):
+    per = [list(eval_batches(arrow, batch_size=8, max_rows=100, process_index=p, process_count=2))
+           for p in range(2)]
+    assert len(per[0]) == len(per[1]) == 6
+    rows = [i for p in range(2) for b in per[p] for i in ids(b)]
+    assert sorted(rows) == list(range(96))
