@@ -14,6 +14,8 @@ Params (D = model_dim, N·H = D, V = vocab, L = depth):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -37,13 +39,42 @@ def _fan_in_init(fan_in: int, fan_out: int):
     return nn.initializers.normal(stddev=std)
 
 
+def _save_dots_policy():
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def _attn_in(x, wq, wk, wv, cos, sin, head_dim):
+    """Pre-norm, q/k/v projections, RoPE and QK-norm. x [B, T, D] -> q, k, v [B, T, N, H]."""
+    b, t, d = x.shape
+    n = wq.shape[1] // head_dim
+    h = rms_norm(x)
+    q = (h @ wq).reshape(b, t, n, head_dim)
+    k = (h @ wk).reshape(b, t, n, head_dim)
+    v = (h @ wv).reshape(b, t, n, head_dim)
+    return rms_norm(apply_rope(q, cos, sin)), rms_norm(apply_rope(k, cos, sin)), v
+
+
+def _attn_out_mlp(x, y, wo, w_fc, w_proj):
+    """Attention output projection + residual, then the pre-norm relu² MLP + residual."""
+    b, t, d = x.shape
+    x = x + y.reshape(b, t, -1) @ wo
+    h = jnp.square(jax.nn.relu(rms_norm(x) @ w_fc))
+    return x + h @ w_proj
+
+
 class Block(nn.Module):
-    """Pre-norm attention + relu² MLP. x [B, T, D] -> ([B, T, D], None) (scan carry)."""
+    """Pre-norm attention + relu² MLP. x [B, T, D] -> ([B, T, D], None) (scan carry).
+
+    remat "save_dots" checkpoints the two parts around attention (saving matmul outputs,
+    recomputing norms, RoPE and relu² in the backward pass) while attention itself keeps
+    its own residuals, so its forward kernel never runs twice.
+    """
 
     dim: int
     head_dim: int
     dtype: Dtype
     attention: str  # "cudnn" | "xla"
+    remat: str = "none"  # "none" | "save_dots" (whole-block policies are applied by GPT)
 
     def _kernel(self, name: str, shape: tuple[int, int], axes: tuple[str, str], zero: bool = False):
         init = nn.initializers.zeros if zero else _fan_in_init(*shape)
@@ -52,20 +83,22 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin):
-        b, t, d = x.shape
-        n = d // self.head_dim
-        h = rms_norm(x)
-        q = (h @ self._kernel("wq", (d, d), ("embed", "heads"))).reshape(b, t, n, self.head_dim)
-        k = (h @ self._kernel("wk", (d, d), ("embed", "heads"))).reshape(b, t, n, self.head_dim)
-        v = (h @ self._kernel("wv", (d, d), ("embed", "heads"))).reshape(b, t, n, self.head_dim)
-        q, k = rms_norm(apply_rope(q, cos, sin)), rms_norm(apply_rope(k, cos, sin))
+        d = x.shape[-1]
+        wq = self._kernel("wq", (d, d), ("embed", "heads"))
+        wk = self._kernel("wk", (d, d), ("embed", "heads"))
+        wv = self._kernel("wv", (d, d), ("embed", "heads"))
+        wo = self._kernel("wo", (d, d), ("heads", "embed"), zero=True)
+        w_fc = self._kernel("w_fc", (d, 4 * d), ("embed", "mlp"))
+        w_proj = self._kernel("w_proj", (4 * d, d), ("mlp", "embed"), zero=True)
+        attn_in = functools.partial(_attn_in, head_dim=self.head_dim)
+        attn_out_mlp = _attn_out_mlp
+        if self.remat == "save_dots":
+            attn_in = jax.checkpoint(attn_in, policy=_save_dots_policy())
+            attn_out_mlp = jax.checkpoint(attn_out_mlp, policy=_save_dots_policy())
+        q, k, v = attn_in(x, wq, wk, wv, cos, sin)
         impl = "cudnn" if self.attention == "cudnn" else None
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        x = x + y.reshape(b, t, d) @ self._kernel("wo", (d, d), ("heads", "embed"), zero=True)
-        h = rms_norm(x)
-        h = jnp.square(jax.nn.relu(h @ self._kernel("w_fc", (d, 4 * d), ("embed", "mlp"))))
-        x = x + h @ self._kernel("w_proj", (4 * d, d), ("mlp", "embed"), zero=True)
-        return x, None
+        return attn_out_mlp(x, y, wo, w_fc, w_proj), None
 
 
 _REMAT_POLICIES = {
@@ -92,8 +125,10 @@ class GPT(nn.Module):
             (self.vocab_size, self.dim),
             jnp.float32,
         )
-        block = Block
-        if self.remat != "none":
+        block, inner = Block, "none"
+        if self.remat == "save_dots" and os.environ.get("MCJAX_REMAT_SCOPE", "parts") == "parts":
+            inner = "save_dots"
+        elif self.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         self.blocks = nn.scan(
             block,
@@ -102,7 +137,8 @@ class GPT(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast),
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(dim=self.dim, head_dim=self.head_dim, dtype=self.dtype, attention=self.attention)
+            unroll=int(os.environ.get("MCJAX_SCAN_UNROLL", "1")),
+        )(dim=self.dim, head_dim=self.head_dim, dtype=self.dtype, attention=self.attention, remat=inner)
         self.lm_head = self.param(
             "lm_head",
             nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),

@@ -55,26 +55,54 @@ def token_nll(
     return nll[:n]
 
 
-def _chunk_stats(hc, w, tc, softcap):
-    """One chunk: nll [c], log-sum-exp [c], softmax [c, V] (f32) and tanh of the raw logits."""
-    z = jnp.dot(hc, w, preferred_element_type=jnp.float32)
-    t = None
+# With a softcap c the logits lie in (−c, c), so exp(z − c) needs no running max: it stays
+# in [e^(−2c), 1], far from f32 underflow while 2c < ~160. Larger caps use the row max.
+_CAP_SHIFT_MAX = 40.0
+
+
+def _logits_dtype(h_dtype):
+    """The dtype the head matmul writes: the compute dtype (bf16 logits, as nanochat's autocast),
+    accumulated in f32 by the matmul unit; reductions run in f32 on top of it."""
+    import os
+
+    if os.environ.get("MCJAX_XENT_LOGITS", "") == "f32":
+        return jnp.float32
+    return h_dtype
+
+
+def _cap(z, softcap):
+    """Softcapped f32 logits from raw logits of any float dtype."""
+    z = z.astype(jnp.float32)
+    return softcap * jnp.tanh(z / softcap) if softcap else z
+
+
+def _chunk_lse(hc, w, tc, softcap):
+    """One chunk: raw logits z [c, V] (compute dtype), nll [c] and log-sum-exp [c] (f32)."""
+    z = jnp.dot(hc, w, preferred_element_type=_logits_dtype(hc.dtype))
+    zc = _cap(z, softcap)
+    if softcap and softcap <= _CAP_SHIFT_MAX:
+        m = jnp.float32(softcap)
+        lse = m + jnp.log(jnp.sum(jnp.exp(zc - m), axis=-1))
+    else:
+        m = jax.lax.stop_gradient(jnp.max(zc, axis=-1, keepdims=True))
+        lse = (m + jnp.log(jnp.sum(jnp.exp(zc - m), axis=-1, keepdims=True)))[:, 0]
+    tgt = _cap(jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0], softcap)
+    return z, lse - tgt, lse
+
+
+def _unit_grad(z, lse, tc, softcap, dtype):
+    """d nll / d raw logits for one chunk: (softmax − onehot) · softcap'(z). [c, V] in dtype.
+
+    One elementwise pass over the raw logits: softmax as exp(z − lse), the one-hot as an
+    iota compare (no scatter), tanh recomputed rather than stored.
+    """
+    zf = z.astype(jnp.float32)
+    onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == tc[:, None]
     if softcap:
-        t = jnp.tanh(z / softcap)
-        z = softcap * t
-    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-    e = jnp.exp(z - m)
-    s = jnp.sum(e, axis=-1, keepdims=True)
-    lse = (m + jnp.log(s))[:, 0]
-    tgt = jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
-    return lse - tgt, lse, e / s, t
-
-
-def _unit_grad(p, t, tc, dtype):
-    """d nll / d raw logits for one chunk: (softmax − onehot) · softcap'(z). [c, V] in dtype."""
-    g = p.at[jnp.arange(p.shape[0]), tc].add(-1.0)
-    if t is not None:
-        g = g * (1.0 - t * t)
+        t = jnp.tanh(zf / softcap)
+        g = (jnp.exp(softcap * t - lse[:, None]) - onehot) * (1.0 - t * t)
+    else:
+        g = jnp.exp(zf - lse[:, None]) - onehot
     return g.astype(dtype)
 
 
@@ -82,9 +110,17 @@ def _split(x, chunk):
     return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
 
 
+def _map(f, xs):
+    """lax.map, or a plain call when there is one chunk (no loop in the program)."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        return jax.tree.map(lambda y: y[None], f(jax.tree.map(lambda x: x[0], xs)))
+    return jax.lax.map(f, xs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _nll(h, w, targets, softcap, chunk, mode):
-    return _nll_fwd(h, w, targets, softcap, chunk, mode)[0]
+    nll = _map(lambda a: _chunk_lse(a[0], w, a[1], softcap)[1], (_split(h, chunk), _split(targets, chunk)))
+    return nll.reshape(-1)
 
 
 def _nll_fwd(h, w, targets, softcap, chunk, mode):
@@ -94,18 +130,22 @@ def _nll_fwd(h, w, targets, softcap, chunk, mode):
 
         def body(args):
             hc, tc = args
-            nll, _, p, t = _chunk_stats(hc, w, tc, softcap)
-            return nll, _unit_grad(p, t, tc, h.dtype)
+            z, nll, lse = _chunk_lse(hc, w, tc, softcap)
+            return nll, _unit_grad(z, lse, tc, softcap, h.dtype)
 
-        nll, g_unit = jax.lax.map(body, (hs, ts))
-        return nll.reshape(-1), (h, w, targets, g_unit)
+        nll, g_unit = _map(body, (hs, ts))
+        return nll.reshape(-1), (h, w, targets, g_unit, None)
 
-    nll = jax.lax.map(lambda args: _chunk_stats(args[0], w, args[1], softcap)[0], (hs, ts))
-    return nll.reshape(-1), (h, w, targets, None)
+    def body(args):
+        _, nll, lse = _chunk_lse(args[0], w, args[1], softcap)
+        return nll, lse
+
+    nll, lse = _map(body, (hs, ts))
+    return nll.reshape(-1), (h, w, targets, None, lse)
 
 
 def _nll_bwd(softcap, chunk, mode, res, g_out):
-    h, w, targets, g_unit = res
+    h, w, targets, g_unit, lse = res
     targets_ct = np.zeros(targets.shape, dtype=jax.dtypes.float0)
     if mode == "fused":
         # Rows of the logit gradient scale by g_out; fold it into h (for dw) and dh.
@@ -116,15 +156,16 @@ def _nll_bwd(softcap, chunk, mode, res, g_out):
         return dh.astype(h.dtype), dw.astype(w.dtype), targets_ct
 
     def body(dw, args):
-        hc, tc, gc = args
-        _, _, p, t = _chunk_stats(hc, w, tc, softcap)
-        g = _unit_grad(p, t, tc, h.dtype)
+        hc, tc, lc, gc = args
+        z = jnp.dot(hc, w, preferred_element_type=_logits_dtype(hc.dtype))
+        g = _unit_grad(z, lc, tc, softcap, h.dtype)
         dhc = jnp.dot(g, w.T, preferred_element_type=jnp.float32) * gc[:, None]
         dw = dw + jnp.dot((hc * gc[:, None]).astype(h.dtype).T, g, preferred_element_type=jnp.float32)
         return dw, dhc.astype(h.dtype)
 
     dw0 = jnp.zeros(w.shape, jnp.float32)
-    dw, dh = jax.lax.scan(body, dw0, (_split(h, chunk), _split(targets, chunk), _split(g_out, chunk)))
+    xs = (_split(h, chunk), _split(targets, chunk), lse, _split(g_out, chunk))
+    dw, dh = jax.lax.scan(body, dw0, xs)
     return dh.reshape(h.shape), dw.astype(w.dtype), targets_ct
 
 

@@ -47,5 +47,4 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, shardings: 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, shardings: TrainState, sample):
     """ShapeDtypeStructs with shardings: what a checkpoint restore fills in."""
-    shapes = jax.eval_shape(_initializer(model, tx, sample), jax.random.key(0))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return jax.jit(_initializer(model, tx, sample), out_shardings=shardings).eval_shape(jax.random.key(0))

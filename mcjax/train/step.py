@@ -43,14 +43,18 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg):
             loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens)
             return jax.tree.map(jnp.add, acc, grads), loss
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, losses = jax.lax.scan(micro, zeros, batch)
-        grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
+        if batch.shape[0] == 1:  # no accumulation: no zero-filled buffers, no loop
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch[0])
+            losses = loss[None]
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, losses = jax.lax.scan(micro, zeros, batch)
+            grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "train/loss": losses.mean(),
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

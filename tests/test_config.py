@@ -1,0 +1,128 @@
+"""Config loading: the shipped configs, overrides, and one clear error line for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import REPO, run_cli, tiny_config, write_config
+from mcjax.config import Config, load_config, mesh_shape, save_config
+from mcjax.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "run10_d12", "my_text_folder"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, Config) and cfg.name
+
+
+def test_derived_quantities_of_the_benchmark_model():
+    cfg = load_config(REPO / "configs/run10_d12.yaml")
+    assert cfg.model_dim == 768  # 64 · depth
+    assert cfg.model_dim // cfg.base_model.head_dim == 6
+    assert cfg.training.grad_accum_steps == 8
+    assert cfg.tokens_per_step == 256 * 2048
+    assert cfg.total_steps == 2621440000 // (256 * 2048)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    cfg = load_config(path, ["training.seed=7", "base_model.softcap=10", "run_name=other", "telemetry.jsonl=false"])
+    assert cfg.training.seed == 7
+    assert cfg.base_model.softcap == 10.0 and isinstance(cfg.base_model.softcap, float)
+    assert cfg.run == "other" and cfg.telemetry.jsonl is False
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
+    save_config(cfg, tmp_path / "mirror.yaml")
+    again = load_config(tmp_path / "mirror.yaml")
+    assert dataclasses.replace(again, source_file=cfg.source_file) == cfg
+
+
+def _error(tmp_path, overrides=(), **sections) -> str:
+    path = write_config(tmp_path / "bad.yaml", tiny_config(tmp_path, **sections))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    return msg
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    assert "unknown key training.batchsize" in _error(tmp_path, training={"batchsize": 3})
+
+
+def test_unknown_key_in_override(tmp_path):
+    assert "unknown key base_model.widht" in _error(tmp_path, ["base_model.widht=3"])
+
+
+def test_wrong_type(tmp_path):
+    msg = _error(tmp_path, training={"batch_size": "eight"})
+    assert "training.batch_size: expected an integer, got str 'eight'" in msg
+
+
+def test_bool_is_not_an_int(tmp_path):
+    assert "training.seed: expected an integer" in _error(tmp_path, ["training.seed=true"])
+
+
+def test_context_not_multiple_of_block(tmp_path):
+    msg = _error(tmp_path, ["dataset.context_tokens=100"])
+    assert "dataset.context_tokens: must be a positive multiple of dataset.block_size (32), got 100" in msg
+
+
+def test_horizon_must_be_shorter_than_context(tmp_path):
+    assert "dataset.horizon" in _error(tmp_path, ["dataset.horizon=64"])
+
+
+def test_choice_values(tmp_path):
+    assert "base_model.remat: must be one of none, full, save_dots" in _error(tmp_path, ["base_model.remat=all"])
+    assert "gistnet.kind: must be one of mean, transformer" in _error(tmp_path, ["gistnet.kind=conv"])
+
+
+def test_micro_batch_must_divide_batch(tmp_path):
+    assert "training.micro_batch_size" in _error(tmp_path, ["training.micro_batch_size=3"])
+
+
+def test_exactly_one_of_steps_and_budget(tmp_path):
+    assert "exactly one of" in _error(tmp_path, ["training.token_budget=1000"])
+
+
+def test_missing_required_key(tmp_path):
+    cfg = tiny_config(tmp_path)
+    del cfg["dataset"]["splits"]
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    with pytest.raises(ConfigError, match="missing required key dataset.splits"):
+        load_config(path)
+
+
+def test_bad_yaml_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndataset: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml \(line \d+\): not valid YAML"):
+        load_config(path)
+
+
+def test_mesh_must_divide_devices(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, mesh={"data": -1, "fsdp": 3})))
+    with pytest.raises(ConfigError, match="data×fsdp×tensor = 3 does not divide the 8 devices"):
+        mesh_shape(cfg, 8)
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, mesh={"data": 2, "fsdp": 2})))
+    assert mesh_shape(cfg, 4) == {"data": 2, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ConfigError, match="but 8 devices are present"):
+        mesh_shape(cfg, 8)
+
+
+def test_batch_must_split_over_data_parallel_devices(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))  # micro-batch 4
+    with pytest.raises(ConfigError, match="do not split over data×fsdp = 8 devices"):
+        mesh_shape(cfg, 8)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    path = write_config(tmp_path / "bad.yaml", tiny_config(tmp_path, training={"batch_size": 0}))
+    res = run_cli(["train", "--config", str(path)], cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"mcjax: error: {path}: training.batch_size: must be ≥ 1, got 0"]
+    assert "Traceback" not in res.stderr
