@@ -1,0 +1,1 @@
+"""MegaContext components in fixed-shape form: layouts and working-context assembly."""

@@ -1,0 +1,167 @@
+"""Working-context layouts and their assembly into fixed-shape working contexts.
+
+A layout is one int array `block_lod [N1]` ∈ {0, 1, 2}: for each block of K tokens, the
+level of detail at which the working context (WC) shows it. LOD0 shows its K tokens,
+LOD1 its one gist, LOD2 one gist for a whole superblock of K blocks (K² tokens), so a
+LOD2 superblock has all of its K blocks at 2. Entry counts per block are K, 1 and 1/K.
+
+`assemble` (pure jnp, jit- and vmap-friendly) turns a layout and the LOD tree into a WC of
+static capacity W: per-block entry counts → cumulative offsets → for each slot j < W the
+block it falls in (`searchsorted`) and its offset there → one gather per level.
+
+Host-side helpers (numpy): `check_layout`, `entry_count`, the all-LOD0 and
+recency-baseline builders, and `render` (an ASCII strip: `.` LOD0, `─` LOD1, `═` LOD2).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+LOD_CHARS = {0: ".", 1: "─", 2: "═"}
+
+
+class WorkingContext(NamedTuple):
+    """A WC of capacity W (leading batch axes allowed).
+
+    emb [W, D]: entry embeddings (zeros in padding slots).
+    lod [W] int32: level of each entry; pos [W] int32: global position of its first token;
+    span [W] int32: tokens it covers (1, K or K²); valid [W] bool: a real entry, not padding.
+    target [W] int32: index of the entry's next-token target, the first token after its
+    span (pos + span); target_valid [W] bool: valid and target < T. No entry ever has a
+    target inside its own span.
+    """
+
+    emb: jnp.ndarray
+    lod: jnp.ndarray
+    pos: jnp.ndarray
+    span: jnp.ndarray
+    valid: jnp.ndarray
+    target: jnp.ndarray
+    target_valid: jnp.ndarray
+
+
+def block_entry_counts(block_lod: jnp.ndarray, k: int) -> jnp.ndarray:
+    """Entries each block contributes: K at LOD0, 1 at LOD1, 1 on a superblock's first block at LOD2.
+
+    block_lod int [..., N1] -> int32 [..., N1].
+    """
+    lod = block_lod.astype(jnp.int32)
+    first_of_super = (jnp.arange(lod.shape[-1]) % k) == 0
+    return jnp.where(lod == 0, k, jnp.where(lod == 1, 1, first_of_super.astype(jnp.int32)))
+
+
+def assemble(
+    block_lod: jnp.ndarray,
+    lod0: jnp.ndarray,
+    lod1: jnp.ndarray,
+    lod2: jnp.ndarray | None,
+    capacity: int,
+) -> WorkingContext:
+    """Gather the WC that `block_lod` describes, padded to `capacity` slots.
+
+    block_lod int [N1]; lod0 [T, D]; lod1 [N1, D]; lod2 [N2, D] or None (N2 = T // K²).
+    K = T // N1. One sequence: `jax.vmap` it over a batch (and over layouts of a sequence).
+    A layout with more than `capacity` entries is truncated; callers keep layouts valid
+    (`check_layout` on the host, the focus allocator on the device).
+    """
+    t, _ = lod0.shape
+    n1 = block_lod.shape[0]
+    k = t // n1
+    lod_of_block = block_lod.astype(jnp.int32)
+    counts = block_entry_counts(lod_of_block, k)
+    ends = jnp.cumsum(counts)
+    starts = ends - counts
+    j = jnp.arange(capacity, dtype=jnp.int32)
+    b = jnp.clip(jnp.searchsorted(ends, j, side="right"), 0, n1 - 1).astype(jnp.int32)
+    offset = j - starts[b]
+    lod = lod_of_block[b]
+    valid = j < ends[-1]
+    pos = jnp.where(lod == 0, b * k + offset, jnp.where(lod == 1, b * k, (b // k) * k * k))
+    span = jnp.where(lod == 0, 1, jnp.where(lod == 1, k, k * k))
+
+    emb = jnp.where((lod == 0)[:, None], lod0[jnp.clip(pos, 0, t - 1)], lod1[b])
+    if lod2 is not None and lod2.shape[0] > 0:
+        emb = jnp.where((lod == 2)[:, None], lod2[jnp.clip(b // k, 0, lod2.shape[0] - 1)], emb)
+    emb = jnp.where(valid[:, None], emb, 0).astype(lod0.dtype)
+
+    pos = jnp.where(valid, pos, 0)
+    span = jnp.where(valid, span, 0)
+    target = pos + span
+    return WorkingContext(
+        emb=emb,
+        lod=jnp.where(valid, lod, 0),
+        pos=pos,
+        span=span,
+        valid=valid,
+        target=jnp.where(valid, target, 0),
+        target_valid=valid & (target < t),
+    )
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def entry_count(block_lod: np.ndarray, k: int) -> int:
+    """Entries of a layout (numpy; the sum of `block_entry_counts`)."""
+    lod = np.asarray(block_lod)
+    first = (np.arange(lod.shape[-1]) % k) == 0
+    return int(np.where(lod == 0, k, np.where(lod == 1, 1, first)).sum())
+
+
+def check_layout(block_lod: np.ndarray, k: int, *, capacity: int | None = None, recent_tokens: int = 0) -> None:
+    """Raise ValueError unless the layout is valid.
+
+    Valid: levels in {0, 1, 2}; LOD2 only on complete superblocks, all K blocks at once;
+    at most `capacity` entries; the last `recent_tokens` tokens at LOD0.
+    """
+    lod = np.asarray(block_lod)
+    n1 = lod.shape[0]
+    if lod.ndim != 1 or not np.isin(lod, (0, 1, 2)).all():
+        raise ValueError(f"layout must be a 1-D array of levels 0, 1, 2, got {lod!r}")
+    for s in range(0, n1, k):
+        sup = lod[s : s + k]
+        if (sup == 2).any() and (len(sup) < k or not (sup == 2).all()):
+            raise ValueError(f"superblock at block {s}: LOD2 must cover all {k} blocks of a complete superblock")
+    if capacity is not None and entry_count(lod, k) > capacity:
+        raise ValueError(f"layout has {entry_count(lod, k)} entries, more than the capacity {capacity}")
+    tail = -(-recent_tokens // k)
+    if tail and (lod[n1 - tail :] != 0).any():
+        raise ValueError(f"the last {recent_tokens} tokens ({tail} blocks) must be at LOD0")
+
+
+def all_lod0(num_blocks: int) -> np.ndarray:
+    """Every block at LOD0 (the full-context layout). int8 [N1]."""
+    return np.zeros(num_blocks, np.int8)
+
+
+def recency_baseline(num_blocks: int, k: int, capacity: int, *, max_lod: int = 2) -> np.ndarray:
+    """The recency baseline: the most recent blocks at LOD0, as many as fit in `capacity`.
+
+    Older blocks are LOD1 gists; where even that does not fit, the oldest complete
+    superblocks collapse to LOD2 (when max_lod ≥ 2). int8 [N1]. ValueError if no layout
+    at that level fits.
+    """
+    lod = np.ones(num_blocks, np.int8)
+    if max_lod >= 2:  # collapse the oldest superblocks until the all-gist layout fits
+        for s in range(0, (num_blocks // k) * k, k):
+            if entry_count(lod, k) <= capacity:
+                break
+            lod[s : s + k] = 2
+    if entry_count(lod, k) > capacity:
+        raise ValueError(f"{num_blocks} blocks of {k} tokens do not fit in {capacity} entries at LOD ≤ {max_lod}")
+    for b in range(num_blocks - 1, -1, -1):  # expand from the end while the budget allows
+        if lod[b] != 1:
+            break
+        lod[b] = 0
+        if entry_count(lod, k) > capacity:
+            lod[b] = 1
+            break
+    return lod
+
+
+def render(block_lod: np.ndarray) -> str:
+    """ASCII strip of a layout, one character per block: `.` LOD0, `─` LOD1, `═` LOD2."""
+    return "".join(LOD_CHARS[int(v)] for v in np.asarray(block_lod))

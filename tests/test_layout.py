@@ -1,0 +1,148 @@
+"""Working-context layouts: assembly against a plain-Python reference, invariants, builders."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mcjax.megacontext.layout import (
+    all_lod0,
+    assemble,
+    check_layout,
+    entry_count,
+    recency_baseline,
+    render,
+)
+
+K, N1, D = 4, 32, 3  # T = 128 tokens, N2 = 8 superblocks of 16 tokens
+T, N2 = K * N1, N1 // K
+CAP = T  # no valid layout has more entries than tokens
+
+rng = np.random.default_rng(0)
+LOD0 = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+LOD1 = jnp.asarray(rng.normal(size=(N1, D)), jnp.float32)
+LOD2 = jnp.asarray(rng.normal(size=(N2, D)), jnp.float32)
+ASSEMBLE = jax.jit(lambda lod: assemble(lod, LOD0, LOD1, LOD2, CAP))
+
+
+def reference(block_lod) -> list[tuple[int, int, int, np.ndarray]]:
+    """The slow, obvious assembly: walk the blocks left to right. [(lod, pos, span, emb)]."""
+    out, b = [], 0
+    while b < N1:
+        lod = int(block_lod[b])
+        if lod == 0:
+            out += [(0, b * K + o, 1, np.asarray(LOD0[b * K + o])) for o in range(K)]
+            b += 1
+        elif lod == 1:
+            out.append((1, b * K, K, np.asarray(LOD1[b])))
+            b += 1
+        else:
+            out.append((2, b * K, K * K, np.asarray(LOD2[b // K])))
+            b += K
+    return out
+
+
+@st.composite
+def layouts(draw):
+    lod = np.zeros(N1, np.int8)
+    for s in range(N2):
+        if draw(st.booleans()) and draw(st.booleans()):
+            lod[s * K : (s + 1) * K] = 2
+        else:
+            lod[s * K : (s + 1) * K] = draw(st.lists(st.integers(0, 1), min_size=K, max_size=K))
+    return lod
+
+
+@settings(max_examples=1000, deadline=None)
+@given(layouts())
+def test_assembly_equals_reference_and_covers_the_sequence(lod):
+    check_layout(lod, K, capacity=CAP)
+    wc = jax.device_get(ASSEMBLE(jnp.asarray(lod)))
+    ref = reference(lod)
+    n = len(ref)
+    assert n == entry_count(lod, K) and wc.valid.sum() == n and wc.valid[:n].all()
+    assert [int(x) for x in wc.lod[:n]] == [r[0] for r in ref]
+    assert [int(x) for x in wc.pos[:n]] == [r[1] for r in ref]
+    assert [int(x) for x in wc.span[:n]] == [r[2] for r in ref]
+    np.testing.assert_array_equal(wc.emb[:n], np.stack([r[3] for r in ref]))
+    # full coverage, no overlap, increasing positions
+    ends = wc.pos[:n] + wc.span[:n]
+    assert wc.pos[0] == 0 and ends[-1] == T and (wc.pos[1:n] == ends[: n - 1]).all()
+    # targets: the first token after the span, never inside it; masked past the end
+    assert (wc.target[:n] == ends).all() and (wc.target[:n] >= wc.pos[:n] + wc.span[:n]).all()
+    assert (wc.target_valid[:n] == (ends < T)).all()
+    # padding is inert
+    assert not wc.valid[n:].any() and not wc.target_valid[n:].any() and (wc.emb[n:] == 0).all()
+
+
+def test_vmap_over_layouts():
+    base = recency_baseline(N1, K, 24)
+    wc = jax.vmap(lambda l: assemble(l, LOD0, LOD1, LOD2, CAP))(jnp.asarray(np.stack([all_lod0(N1), base])))
+    assert wc.emb.shape == (2, CAP, D) and wc.valid.sum(axis=1).tolist() == [T, entry_count(base, K)]
+    assert entry_count(base, K) == 23  # 3 LOD2 superblocks + 20 LOD1 gists (2 superblocks: 2 + 24 > 24)
+
+
+def test_all_lod0_is_the_plain_sequence():
+    wc = jax.device_get(ASSEMBLE(jnp.asarray(all_lod0(N1))))
+    np.testing.assert_array_equal(wc.emb, LOD0)
+    assert (wc.pos == np.arange(T)).all() and (wc.span == 1).all()
+    assert wc.target_valid.sum() == T - 1
+
+
+def test_no_lod2_level():
+    wc = assemble(jnp.asarray(np.ones(N1, np.int8)), LOD0, LOD1, None, 40)
+    assert int(wc.valid.sum()) == N1 and (np.asarray(wc.span[:N1]) == K).all()
+
+
+@pytest.mark.parametrize("capacity", [8, 9, 20, 31, 32, 33, 60, 127, 128, 500])
+def test_recency_baseline_is_valid_and_maximal(capacity):
+    lod = recency_baseline(N1, K, capacity)
+    check_layout(lod, K, capacity=capacity)
+    n_lod0 = int((lod == 0).sum())
+    assert (lod[N1 - n_lod0 :] == 0).all()  # the LOD0 blocks are the most recent ones
+    if n_lod0 < N1 and lod[N1 - n_lod0 - 1] == 1:  # one more block expanded would not fit
+        more = lod.copy()
+        more[N1 - n_lod0 - 1] = 0
+        assert entry_count(more, K) > capacity
+
+
+def test_recency_baseline_examples():
+    assert render(recency_baseline(N1, K, 128)) == "." * 32
+    assert render(recency_baseline(N1, K, 32)) == "─" * 32
+    assert render(recency_baseline(N1, K, 40)) == "─" * 30 + ".."  # 30 + 2·4 = 38; a third: 41
+    assert render(recency_baseline(N1, K, 20)) == "═" * 16 + "─" * 16  # 4 + 16 = 20
+    assert render(recency_baseline(N1, K, 8)) == "═" * 32
+    with pytest.raises(ValueError, match="do not fit in 7 entries"):
+        recency_baseline(N1, K, 7)
+    with pytest.raises(ValueError, match="do not fit"):
+        recency_baseline(N1, K, 31, max_lod=1)
+
+
+def test_check_layout_errors():
+    bad_super = np.zeros(N1, np.int8)
+    bad_super[1:5] = 2  # straddles two superblocks
+    with pytest.raises(ValueError, match="superblock at block 0"):
+        check_layout(bad_super, K)
+    with pytest.raises(ValueError, match="levels 0, 1, 2"):
+        check_layout(np.full(N1, 3, np.int8), K)
+    with pytest.raises(ValueError, match="more than the capacity 127"):
+        check_layout(all_lod0(N1), K, capacity=127)
+    tail = np.ones(N1, np.int8)
+    tail[-2:] = 0
+    check_layout(tail, K, recent_tokens=8)
+    with pytest.raises(ValueError, match="last 9 tokens"):
+        check_layout(tail, K, recent_tokens=9)
+    partial = np.zeros(N1 + 2, np.int8)
+    partial[-2:] = 2  # LOD2 on an incomplete superblock
+    with pytest.raises(ValueError, match="complete superblock"):
+        check_layout(partial, K)
+
+
+def test_render():
+    lod = np.array([2, 2, 2, 2, 1, 0], np.int8)
+    assert render(lod) == "════─."
+
