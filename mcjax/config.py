@@ -59,17 +59,37 @@ class BaseModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GistNetConfig:
-    kind: Literal["mean", "transformer"] = "transformer"
-    layers: int = 2
+    kind: Literal["mean", "transformer"] = "transformer"  # mean: pooling + head only
+    layers: int = 2  # transformer layers over a block (bidirectional, RoPE within the block)
     pooling: Literal["mean", "query", "cls"] = "mean"
     head: Literal["linear", "mlp"] = "mlp"
-    num_heads: int = 0  # 0 = model_dim // head_dim
+    num_heads: int = 0  # 0 = model_dim // base_model.head_dim
 
 
 @dataclasses.dataclass(frozen=True)
 class LensNetConfig:
     layers: int = 2
-    num_heads: int = 0  # 0 = model_dim // head_dim
+    dim: int = 0  # width of LensNet's own transformer; 0 = model_dim
+    num_heads: int = 0  # 0 = dim // base_model.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MegaContextConfig:
+    wc_capacity: int = 0  # W_max, entries in a working context; 0 = dataset.context_tokens
+    recent_tokens: int = 128  # the protected tail: always at LOD0 (≥ dataset.horizon)
+    max_lod: int = 2  # 1: gists of blocks only; 2: also gists of K blocks
+    rope: Literal["gaussian", "simple"] = "gaussian"  # gaussian: damp frequency ω by exp(-½(span·ω)²)
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocatorConfig:
+    policy: Literal["greedy", "stochastic"] = "greedy"  # stochastic: Gumbel top-k
+    max_replacements: int = 4  # at most this many expands and this many collapses per iteration
+    expand_threshold: float = 0.1  # expand a gist when its score ≥ this
+    collapse_threshold: float = 0.1  # collapse when −score ≥ this
+    cooldown_steps: int = 2  # a block changed in the last C refocus steps stays put
+    iterations: int = 2  # expand/collapse rounds per refocus (lax.fori_loop)
+    temperature: float = 1.0  # Gumbel noise scale of the stochastic policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +152,8 @@ class Config:
     base_model: BaseModelConfig = BaseModelConfig()
     gistnet: GistNetConfig = GistNetConfig()
     lensnet: LensNetConfig = LensNetConfig()
+    megacontext: MegaContextConfig = MegaContextConfig()
+    allocator: AllocatorConfig = AllocatorConfig()
     training: TrainingConfig = TrainingConfig()
     mesh: MeshConfig = MeshConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -146,6 +168,10 @@ class Config:
     @property
     def model_dim(self) -> int:
         return self.base_model.model_dim or 64 * self.base_model.depth
+
+    @property
+    def wc_capacity(self) -> int:
+        return self.megacontext.wc_capacity or self.dataset.context_tokens
 
     @property
     def tokens_per_step(self) -> int:
@@ -329,10 +355,7 @@ def validate(cfg: Config) -> None:
     if m.loss_chunk_tokens < 0:
         fail("base_model.loss_chunk_tokens", f"must be ≥ 0, got {m.loss_chunk_tokens}")
 
-    if cfg.gistnet.layers < 1:
-        fail("gistnet.layers", f"must be ≥ 1, got {cfg.gistnet.layers}")
-    if cfg.lensnet.layers < 1:
-        fail("lensnet.layers", f"must be ≥ 1, got {cfg.lensnet.layers}")
+    _validate_megacontext(cfg, fail)
 
     if t.batch_size < 1:
         fail("training.batch_size", f"must be ≥ 1, got {t.batch_size}")
@@ -374,6 +397,60 @@ def validate(cfg: Config) -> None:
         fail("checkpoint.every_tokens", f"must be ≥ 0, got {cfg.checkpoint.every_tokens}")
     if cfg.telemetry.log_every_tokens < 0:
         fail("telemetry.log_every_tokens", f"must be ≥ 0, got {cfg.telemetry.log_every_tokens}")
+
+
+def min_wc_entries(num_blocks: int, k: int, recent_tokens: int, max_lod: int) -> int:
+    """Entries of the most compressed layout: the tail at LOD0, the rest in gists.
+
+    Complete superblocks before the tail collapse to one LOD2 gist each (max_lod 2);
+    every other block is one LOD1 gist.
+    """
+    tail = -(-recent_tokens // k)
+    head = num_blocks - tail
+    supers = head // k if max_lod >= 2 else 0
+    return tail * k + supers + (head - supers * k)
+
+
+def _validate_megacontext(cfg: Config, fail) -> None:
+    d, mc, al = cfg.dataset, cfg.megacontext, cfg.allocator
+    dim, hd = cfg.model_dim, cfg.base_model.head_dim
+    g, lens = cfg.gistnet, cfg.lensnet
+    if g.layers < 1:
+        fail("gistnet.layers", f"must be ≥ 1, got {g.layers}")
+    if g.num_heads < 0 or dim % (g.num_heads or dim // hd):
+        fail("gistnet.num_heads", f"must divide model_dim ({dim}), got {g.num_heads}")
+    if lens.layers < 1:
+        fail("lensnet.layers", f"must be ≥ 1, got {lens.layers}")
+    lens_dim = lens.dim or dim
+    if lens.dim < 0 or lens_dim % 2:
+        fail("lensnet.dim", f"must be an even number ≥ 2 (or 0 = model_dim), got {lens.dim}")
+    heads = lens.num_heads or max(1, lens_dim // hd)
+    if lens.num_heads < 0 or lens_dim % heads or (lens_dim // heads) % 2:
+        fail("lensnet.num_heads", f"must split lensnet width {lens_dim} into even-sized heads, got {lens.num_heads}")
+    k, t = d.block_size, d.context_tokens
+    if mc.max_lod not in (1, 2):
+        fail("megacontext.max_lod", f"must be 1 or 2, got {mc.max_lod}")
+    if mc.recent_tokens < d.horizon:
+        fail("megacontext.recent_tokens", f"the protected tail ({mc.recent_tokens}) must cover dataset.horizon ({d.horizon})")
+    if mc.recent_tokens % k or mc.recent_tokens >= t:
+        fail("megacontext.recent_tokens", f"must be a multiple of dataset.block_size ({k}) below context_tokens ({t}), got {mc.recent_tokens}")
+    w = cfg.wc_capacity
+    if mc.wc_capacity < 0 or w < mc.recent_tokens + k:
+        fail("megacontext.wc_capacity", f"{w} is smaller than the protected tail ({mc.recent_tokens}) plus one block ({k})")
+    least = min_wc_entries(t // k, k, mc.recent_tokens, mc.max_lod)
+    if w < least:
+        fail("megacontext.wc_capacity", f"{w} cannot hold even the most compressed layout of {t} tokens ({least} entries)")
+    if al.max_replacements < 1:
+        fail("allocator.max_replacements", f"must be ≥ 1, got {al.max_replacements}")
+    if al.iterations < 1:
+        fail("allocator.iterations", f"must be ≥ 1, got {al.iterations}")
+    if al.cooldown_steps < 0:
+        fail("allocator.cooldown_steps", f"must be ≥ 0, got {al.cooldown_steps}")
+    for key in ("expand_threshold", "collapse_threshold"):
+        if not 0.0 <= getattr(al, key) <= 1.0:
+            fail(f"allocator.{key}", f"must be in [0, 1] (scores are tanh), got {getattr(al, key)}")
+    if al.temperature <= 0:
+        fail("allocator.temperature", f"must be > 0, got {al.temperature}")
 
 
 def mesh_shape(cfg: Config, num_devices: int) -> dict[str, int]:

@@ -32,6 +32,7 @@ def tiny_config(out: Path, **sections) -> dict:
             },
         },
         "base_model": {"depth": 2, "model_dim": 64, "head_dim": 32},
+        "megacontext": {"recent_tokens": 32},
         "training": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 20, "eval_tokens": 1024},
         "telemetry": {"out_dir": str(out / "artifacts"), "wandb": "disabled", "progress": False},
         "checkpoint": {"every_tokens": 0, "keep": 2, "async_save": False},

@@ -126,3 +126,41 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"mcjax: error: {path}: training.batch_size: must be ≥ 1, got 0"]
     assert "Traceback" not in res.stderr
+
+
+def test_wc_capacity_must_hold_tail_plus_one_block(tmp_path):
+    msg = _error(tmp_path, ["megacontext.wc_capacity=40"])  # tail 32 + block 32 = 64
+    assert "megacontext.wc_capacity: 40 is smaller than the protected tail (32) plus one block (32)" in msg
+
+
+def test_wc_capacity_must_hold_the_most_compressed_layout(tmp_path):
+    from mcjax.config import min_wc_entries
+
+    # T = 2048, K = 32: 64 blocks; tail 128 tokens = 4 blocks; 60 older blocks = 1 LOD2 + 28 LOD1
+    assert min_wc_entries(64, 32, 128, 2) == 128 + 1 + 28
+    assert min_wc_entries(64, 32, 128, 1) == 128 + 60
+    msg = _error(tmp_path, ["dataset.context_tokens=2048", "megacontext.recent_tokens=128",
+                            "megacontext.wc_capacity=160", "megacontext.max_lod=1"])
+    assert "cannot hold even the most compressed layout of 2048 tokens (188 entries)" in msg
+
+
+def test_tail_must_cover_horizon(tmp_path):
+    msg = _error(tmp_path, ["dataset.horizon=48"])
+    assert "megacontext.recent_tokens: the protected tail (32) must cover dataset.horizon (48)" in msg
+
+
+def test_tail_in_whole_blocks(tmp_path):
+    assert "multiple of dataset.block_size (32)" in _error(tmp_path, ["megacontext.recent_tokens=40"])
+
+
+def test_unknown_modes(tmp_path):
+    assert "allocator.policy: must be one of greedy, stochastic" in _error(tmp_path, ["allocator.policy=best"])
+    assert "gistnet.pooling: must be one of mean, query, cls" in _error(tmp_path, ["gistnet.pooling=max"])
+    assert "megacontext.rope: must be one of gaussian, simple" in _error(tmp_path, ["megacontext.rope=alibi"])
+    assert "megacontext.max_lod: must be 1 or 2" in _error(tmp_path, ["megacontext.max_lod=3"])
+
+
+def test_allocator_values(tmp_path):
+    assert "allocator.expand_threshold: must be in [0, 1]" in _error(tmp_path, ["allocator.expand_threshold=1.5"])
+    assert "allocator.max_replacements: must be ≥ 1" in _error(tmp_path, ["allocator.max_replacements=0"])
+    assert "lensnet.num_heads" in _error(tmp_path, ["lensnet.num_heads=3"])

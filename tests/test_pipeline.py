@@ -29,6 +29,7 @@ def arrow(tmp_path_factory) -> Path:
         "dataset": {"context_tokens": T, "block_size": 4, "horizon": 4, "vocab_size": 4096,
                     "splits": {"train": {"source": "unused", "output_path": str(path)}}},
         "training": {"max_steps": 1},
+        "megacontext": {"recent_tokens": 4},
     })
     rows = np.arange(N)[:, None] * T + np.arange(T + 1)[None, :]
     with pytest.MonkeyPatch.context() as m:

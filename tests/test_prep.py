@@ -28,7 +28,8 @@ def make_cfg(out: Path, train: str = SHAKESPEARE, val: str | None = SHAKESPEARE,
         splits["val"] = {"source": val, "output_path": str(out / "val.arrow")}
     d = {"vocab_size": 300, "context_tokens": T, "block_size": 32, "horizon": 16,
          "max_source_bytes": 200_000, "val_fraction": 0.05, "splits": splits, **dataset}
-    return config_from_dict({"name": "t", "dataset": d, "training": {"max_steps": 1}},
+    return config_from_dict({"name": "t", "dataset": d, "training": {"max_steps": 1},
+                             "megacontext": {"recent_tokens": 32}},
                             where="configs/t.yaml")
 
 
