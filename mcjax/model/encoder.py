@@ -1,0 +1,88 @@
+"""A bidirectional (non-causal) transformer encoder with padding masks and given RoPE angles.
+
+Shared by GistNet (over the K entries of a block, positions 0..K-1) and LensNet (over a
+working context, at the entries' global positions, Gaussian-damped by their spans).
+Pre-norm layers with QK-norm and a relu² MLP of width 4D, as in the base GPT; params
+stacked on a leading "layers" axis and run with one `lax.scan`.
+
+Params (f32, cast to `dtype`): wq, wk, wv, wo [L, D, D]; w_fc [L, D, 4D]; w_proj [L, 4D, D].
+wo and w_proj start at zero, so a fresh encoder is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcjax.model.gpt import rms_norm
+from mcjax.model.rope import apply_rope
+
+Dtype = Any
+
+
+def fan_in_init(fan_in: int, fan_out: int):
+    """N(0, σ) with σ = fan_in^-½ · min(1, (fan_out/fan_in)^½) (nanochat's linear init)."""
+    return nn.initializers.normal(stddev=fan_in**-0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
+
+
+def stacked(init):
+    """An initializer of [L, *shape] that draws each layer's matrix independently."""
+
+    def stacked_init(key, shape, dtype=jnp.float32):
+        return jax.vmap(lambda k: init(k, shape[1:], dtype))(jax.random.split(key, shape[0]))
+
+    return stacked_init
+
+
+def masked_attention(q, k, v, mask):
+    """Bidirectional attention, padding keys masked. q [B, Tq, N, H]; k, v [B, Tk, N, H];
+    mask bool [B, Tk] (True = real key) -> [B, Tq, N, H]. XLA implementation (runs anywhere)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="xla")
+
+
+def encoder_layer(x, w, cos, sin, mask, num_heads: int):
+    """One pre-norm bidirectional layer. x [B, T, D]; w: the layer's matrices; cos, sin
+    [B, T, H/2]; mask bool [B, T] (True = real entry) -> [B, T, D]."""
+    b, t, d = x.shape
+    hd = d // num_heads
+    h = rms_norm(x)
+    q = rms_norm(apply_rope((h @ w["wq"]).reshape(b, t, num_heads, hd), cos, sin))
+    k = rms_norm(apply_rope((h @ w["wk"]).reshape(b, t, num_heads, hd), cos, sin))
+    v = (h @ w["wv"]).reshape(b, t, num_heads, hd)
+    x = x + masked_attention(q, k, v, mask).reshape(b, t, d) @ w["wo"]
+    return x + jnp.square(jax.nn.relu(rms_norm(x) @ w["w_fc"])) @ w["w_proj"]
+
+
+class Encoder(nn.Module):
+    """`layers` bidirectional layers. x [B, T, D], mask bool [B, T], cos/sin [B or 1, T, H/2]
+    -> [B, T, D]. Padded entries attend but are never attended to."""
+
+    layers: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        d = x.shape[-1]
+        specs = {
+            "wq": ((d, d), ("embed", "heads"), False),
+            "wk": ((d, d), ("embed", "heads"), False),
+            "wv": ((d, d), ("embed", "heads"), False),
+            "wo": ((d, d), ("heads", "embed"), True),
+            "w_fc": ((d, 4 * d), ("embed", "mlp"), False),
+            "w_proj": ((4 * d, d), ("mlp", "embed"), True),
+        }
+        ws = {}
+        for name, (shape, axes, zero) in specs.items():
+            init = nn.initializers.zeros if zero else stacked(fan_in_init(*shape))
+            w = self.param(name, nn.with_logical_partitioning(init, ("layers",) + axes), (self.layers,) + shape, jnp.float32)
+            ws[name] = w.astype(self.dtype)
+
+        def step(x, w):
+            return encoder_layer(x, w, cos, sin, mask, self.num_heads), None
+
+        x, _ = jax.lax.scan(step, x.astype(self.dtype), ws)
+        return x
