@@ -1,0 +1,337 @@
+"""The focus allocator: LensNet scores → expand/collapse edits of a WC layout, in fixed shapes.
+
+One *refocus* takes a layout `block_lod [N1]` ∈ {0, 1, 2}, the working context assembled
+from it, LensNet's signed (tanh) score for every WC entry (positive = "expand me",
+negative = "collapse me") and returns a new layout that stays valid and within the budget
+of W_max entries. Everything is pure jnp with static shapes: it jits, vmaps over a batch,
+and never returns to the host.
+
+Edits ("units") and their per-unit scores. Every edit changes the entry count by K − 1:
+
+    unit            edit                       score used to rank it
+    block b         LOD1 → LOD0 (expand)       the score of b's gist
+    block b         LOD0 → LOD1 (collapse)     −mean of b's K token scores
+    superblock s    LOD2 → K × LOD1 (expand)   the score of s's LOD2 gist
+    superblock s    K × LOD1 → LOD2 (collapse) −mean of its K gist scores (max_lod ≥ 2)
+
+Entry scores are reduced to blocks with `segment_sum` over `wc.pos // K` (a LOD2 gist
+lands on its superblock's first block). The M = N1 + N2 units (N2 = N1 // K complete
+superblocks; a trailing partial superblock never goes to LOD2) are ranked together, so a
+block edit and a superblock edit compete on the same scale.
+
+A unit is *eligible* when it is at the right level and every block it touches is *free*:
+not in the protected tail (the last ceil(recent_tokens / K) blocks), not in cooldown
+(`step − last_changed < cooldown_steps`) and not already changed in this refocus. Each of
+`iterations` rounds (`lax.fori_loop`) then does:
+
+1. Collapses. Eligible collapse units are ranked best first (`lax.top_k` over all M).
+   The first `max_replacements` of them with −score ≥ collapse_threshold are taken.
+   If the layout is then still over W_max, further collapses are *forced*: the next
+   eligible units in the same order, threshold ignored (but never the tail, cooldown or
+   level masks), until it fits or the candidates run out.
+2. Expands. Eligible expand units with score ≥ expand_threshold are ranked best first
+   (`lax.top_k` with k = max_replacements) and accepted in order while the running total
+   of entries (a cumulative sum of their K − 1 costs) stays ≤ W_max.
+
+Edits are applied with scatters on `block_lod` (a superblock edit writes its K blocks);
+changed blocks get `last_changed = step` and are frozen for the rest of the refocus, so
+the per-block scores computed once from the input WC stay valid for every unit that can
+still move. Consequently a block changes at most once per refocus, a layout that fits
+the budget always keeps fitting, and an over-budget one never grows.
+
+Policies: "greedy" ranks by score; "stochastic" ranks by score + temperature · Gumbel
+noise (Gumbel-top-k: sampling without replacement ∝ exp(score / temperature)). The noise
+only orders the candidates (forced collapses included); the threshold tests use the
+clean scores.
+
+`last_changed` holds the refocus step of each block's last change, or `NEVER` for blocks
+never changed (start from `never_changed(N1)`); `residency` turns it into steps since
+the last change for the residency histogram of the telemetry spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mcjax.megacontext.layout import WorkingContext, block_entry_counts
+
+NEVER = -(2**30)  # `last_changed` of a block that has never changed (never in cooldown)
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocatorParams:
+    """Allocator settings, one object for `refocus`.
+
+    A pytree: the structural fields (k, max_replacements, iterations, policy) are static
+    metadata (changing them recompiles); the others are leaves, so thresholds or the
+    budget can change between calls of one jitted function. Being frozen and hashable it
+    can also be passed as a static argument.
+    """
+
+    k: int  # K, tokens per block (dataset.block_size)
+    w_max: int  # W_max, the entry budget (Config.wc_capacity)
+    recent_tokens: int = 0  # the protected tail, kept at LOD0
+    max_lod: int = 2  # 1: no superblock collapses to LOD2
+    max_replacements: int = 4  # R: at most R expands and R (unforced) collapses per iteration
+    expand_threshold: float = 0.1  # expand when score ≥ this
+    collapse_threshold: float = 0.1  # collapse when −score ≥ this
+    cooldown_steps: int = 2  # a block changed less than this many steps ago stays put
+    iterations: int = 2  # rounds per refocus
+    policy: Literal["greedy", "stochastic"] = "greedy"
+    temperature: float = 1.0  # Gumbel noise scale (stochastic)
+
+    @classmethod
+    def from_config(cls, cfg) -> AllocatorParams:
+        """From a validated `mcjax.config.Config` (dataset, megacontext, allocator sections)."""
+        a, mc = cfg.allocator, cfg.megacontext
+        return cls(
+            k=cfg.dataset.block_size,
+            w_max=cfg.wc_capacity,
+            recent_tokens=mc.recent_tokens,
+            max_lod=mc.max_lod,
+            max_replacements=a.max_replacements,
+            expand_threshold=a.expand_threshold,
+            collapse_threshold=a.collapse_threshold,
+            cooldown_steps=a.cooldown_steps,
+            iterations=a.iterations,
+            policy=a.policy,
+            temperature=a.temperature,
+        )
+
+
+jax.tree_util.register_dataclass(
+    AllocatorParams,
+    data_fields=[
+        "w_max",
+        "recent_tokens",
+        "max_lod",
+        "expand_threshold",
+        "collapse_threshold",
+        "cooldown_steps",
+        "temperature",
+    ],
+    meta_fields=["k", "max_replacements", "iterations", "policy"],
+)
+
+
+class UnitScores(NamedTuple):
+    """Per-unit scores, f32 [M] with M = N1 + N2 (blocks first, then complete superblocks).
+
+    expand: gist score of a LOD1 block / of a LOD2 superblock.
+    collapse: −mean of a LOD0 block's K token scores / of an all-LOD1 superblock's K gist
+    scores. Entries are meaningful only for units at the matching level.
+    """
+
+    expand: jnp.ndarray
+    collapse: jnp.ndarray
+
+
+class _State(NamedTuple):
+    lod: jnp.ndarray  # int8 [N1]
+    changed: jnp.ndarray  # bool [N1], changed in this refocus
+    last_changed: jnp.ndarray  # int32 [N1]
+    num_expands: jnp.ndarray  # int32 []
+    num_collapses: jnp.ndarray  # int32 [], forced ones included
+    num_forced: jnp.ndarray  # int32 []
+
+
+# ----------------------------------------------------------------------------- scores and masks
+
+
+def unit_scores(wc: WorkingContext, scores: jnp.ndarray, n1: int, k: int) -> UnitScores:
+    """Reduce entry scores f32 [W] (aligned with `wc`, padding ignored) to units [N1 + N2]."""
+    n2 = n1 // k
+    block = jnp.where(wc.valid, wc.pos // k, 0)  # a LOD2 gist maps to its superblock's first block
+    s = jnp.where(wc.valid, scores.astype(jnp.float32), 0.0)
+
+    def per_block(level):
+        return jax.ops.segment_sum(jnp.where(wc.lod == level, s, 0.0), block, num_segments=n1)
+
+    gist, token_sum, top = per_block(1), per_block(0), per_block(2)
+    super_gist = top[: n2 * k : k]
+    super_mean = gist[: n2 * k].reshape(n2, k).mean(axis=1)
+    return UnitScores(
+        expand=jnp.concatenate([gist, super_gist]),
+        collapse=jnp.concatenate([-token_sum / k, -super_mean]),
+    )
+
+
+def free_blocks(last_changed, changed, step, p: AllocatorParams) -> jnp.ndarray:
+    """bool [N1]: blocks that may change now (not tail, not in cooldown, not yet changed)."""
+    n1 = last_changed.shape[0]
+    tail = -(-jnp.asarray(p.recent_tokens) // p.k)
+    protected = jnp.arange(n1) >= n1 - tail
+    cooling = step - last_changed < p.cooldown_steps
+    return ~protected & ~cooling & ~changed
+
+
+def eligible_units(lod, free, p: AllocatorParams) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(expandable, collapsible) bool [M]: units at the right level whose blocks are all free.
+
+    Expand: a LOD1 block; a LOD2 superblock. Collapse: a LOD0 block; a superblock whose K
+    blocks are all LOD1 (only when max_lod ≥ 2).
+    """
+    n1, k = lod.shape[0], p.k
+    n2 = n1 // k
+
+    def whole_super(mask):
+        return mask[: n2 * k].reshape(n2, k).all(axis=1)
+
+    expandable = jnp.concatenate([(lod == 1) & free, whole_super((lod == 2) & free)])
+    collapsible = jnp.concatenate(
+        [(lod == 0) & free, whole_super((lod == 1) & free) & (jnp.asarray(p.max_lod) >= 2)]
+    )
+    return expandable, collapsible
+
+
+def entries(lod: jnp.ndarray, k: int) -> jnp.ndarray:
+    """int32 []: entries of a layout."""
+    return block_entry_counts(lod, k).sum().astype(jnp.int32)
+
+
+def _count(mask: jnp.ndarray) -> jnp.ndarray:
+    return mask.sum(dtype=jnp.int32)
+
+
+def _ranking_noise(key, m: int, p: AllocatorParams) -> jnp.ndarray:
+    if p.policy == "greedy":
+        return jnp.zeros((m,), jnp.float32)
+    return p.temperature * jax.random.gumbel(key, (m,), jnp.float32)
+
+
+# ----------------------------------------------------------------------------- one round
+
+
+def _scatter(state: _State, units, take, block_level: int, super_level: int, step, k: int) -> _State:
+    """Scatter the taken units (int32 [P], bool [P]) into the layout.
+
+    A block unit writes `block_level` on its block, a superblock unit `super_level` on its
+    K blocks; those blocks are marked changed at `step`. Untaken rows (and the unused K − 1
+    columns of a block unit) point at index N1 and are dropped.
+    """
+    n1 = state.lod.shape[0]
+    cols = jnp.arange(k)
+    is_block = units < n1
+    blocks = jnp.where(
+        is_block[:, None],
+        jnp.where(cols == 0, units[:, None], n1),
+        (units[:, None] - n1) * k + cols,
+    )
+    blocks = jnp.where(take[:, None], blocks, n1).reshape(-1)
+    level = jnp.broadcast_to(jnp.where(is_block, block_level, super_level)[:, None], (units.shape[0], k))
+    return state._replace(
+        lod=state.lod.at[blocks].set(level.reshape(-1).astype(state.lod.dtype), mode="drop"),
+        changed=state.changed.at[blocks].set(True, mode="drop"),
+        last_changed=state.last_changed.at[blocks].set(step, mode="drop"),
+    )
+
+
+def _collapse(state: _State, us: UnitScores, collapsible, noise, step, p: AllocatorParams) -> _State:
+    """Up to R thresholded collapses, best first; then forced ones while over W_max."""
+    m, k = collapsible.shape[0], p.k
+    _, order = jax.lax.top_k(jnp.where(collapsible, us.collapse + noise, -jnp.inf), m)
+    eligible = collapsible[order]
+    passes = eligible & (us.collapse[order] >= p.collapse_threshold)
+    normal = passes & (jnp.cumsum(passes) <= p.max_replacements)
+    excess = entries(state.lod, k) - (k - 1) * normal.sum() - p.w_max
+    extra = eligible & ~normal
+    gain = jnp.cumsum(extra * (k - 1)) - extra * (k - 1)  # gain of the forced ones before this
+    forced = extra & (gain < excess) & (k > 1)
+    state = _scatter(state, order, normal | forced, 1, 2, step, k)
+    return state._replace(
+        num_collapses=state.num_collapses + _count(normal | forced),
+        num_forced=state.num_forced + _count(forced),
+    )
+
+
+def _expand(state: _State, us: UnitScores, expandable, noise, step, p: AllocatorParams) -> _State:
+    """Up to R expands with score ≥ τ_expand, best first, while the running total fits W_max."""
+    m, k = expandable.shape[0], p.k
+    ok = expandable & (us.expand >= p.expand_threshold)
+    _, top = jax.lax.top_k(jnp.where(ok, us.expand + noise, -jnp.inf), min(p.max_replacements, m))
+    cost = ok[top] * (k - 1)
+    take = ok[top] & (entries(state.lod, k) + jnp.cumsum(cost) <= p.w_max)
+    state = _scatter(state, top, take, 0, 1, step, k)
+    return state._replace(num_expands=state.num_expands + _count(take))
+
+
+def _round(i, state: _State, us: UnitScores, step, key, p: AllocatorParams) -> _State:
+    """Round i of a refocus: collapses (forced ones included), then expands on the result."""
+    m = us.expand.shape[0]
+    kc, ke = jax.random.split(jax.random.fold_in(key, i))
+    free = free_blocks(state.last_changed, state.changed, step, p)
+    _, collapsible = eligible_units(state.lod, free, p)
+    state = _collapse(state, us, collapsible, _ranking_noise(kc, m, p), step, p)
+    free = free_blocks(state.last_changed, state.changed, step, p)
+    expandable, _ = eligible_units(state.lod, free, p)
+    return _expand(state, us, expandable, _ranking_noise(ke, m, p), step, p)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def refocus(
+    block_lod: jnp.ndarray,
+    wc: WorkingContext,
+    scores: jnp.ndarray,
+    last_changed: jnp.ndarray,
+    step: jnp.ndarray,
+    key: jax.Array,
+    params: AllocatorParams,
+) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+    """One refocus of one sequence's layout (see the module docstring). Jit- and vmap-able.
+
+    block_lod int [N1]: the current layout (valid; it may be over budget).
+    wc: the WC assembled from `block_lod` with a capacity W that holds all its entries
+        (only `pos`, `lod` and `valid` are read).
+    scores f32 [W]: LensNet scores aligned with `wc`; padding slots are ignored.
+    last_changed int32 [N1]: step of each block's last change, `NEVER` if none.
+    step int32 []: this refocus' step (cooldown: `step − last_changed < cooldown_steps`).
+    key: PRNG key (used by the stochastic policy only).
+    params: `AllocatorParams`.
+
+    Returns (new_block_lod int8 [N1], new_last_changed int32 [N1], stats) with stats a dict
+    of scalars: num_expands, num_collapses (actions; a superblock edit counts once; forced
+    collapses included), num_forced_collapses, blocks_changed, entries_before,
+    entries_after (int32), swap_rate = (num_expands + num_collapses) / N1 and
+    token_budget_utilization = entries_after / W_max (f32).
+    """
+    lod = jnp.asarray(block_lod).astype(jnp.int8)
+    n1 = lod.shape[0]
+    step = jnp.asarray(step, jnp.int32)
+    us = unit_scores(wc, scores, n1, params.k)
+    zero = jnp.zeros((), jnp.int32)
+    state = _State(lod, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero)
+    state = jax.lax.fori_loop(
+        0, params.iterations, lambda i, s: _round(i, s, us, step, key, params), state
+    )
+    before, after = entries(lod, params.k), entries(state.lod, params.k)
+    stats = {
+        "num_expands": state.num_expands,
+        "num_collapses": state.num_collapses,
+        "num_forced_collapses": state.num_forced,
+        "blocks_changed": _count(state.changed),
+        "entries_before": before,
+        "entries_after": after,
+        "swap_rate": (state.num_expands + state.num_collapses).astype(jnp.float32) / n1,
+        "token_budget_utilization": after.astype(jnp.float32) / params.w_max,
+    }
+    return state.lod, state.last_changed, stats
+
+
+def never_changed(num_blocks: int) -> jnp.ndarray:
+    """int32 [N1] of `NEVER`: the `last_changed` of a fresh sequence (nothing in cooldown)."""
+    return jnp.full((num_blocks,), NEVER, jnp.int32)
+
+
+def residency(last_changed: jnp.ndarray, step: jnp.ndarray) -> jnp.ndarray:
+    """int32 [..., N1]: steps each block has stayed at its level as of `step`.
+
+    `step − last_changed`; a never-changed block (`NEVER`, or any negative value) counts
+    from step 0, so its residency is `step` — the steps since the sequence started.
+    """
+    return (jnp.asarray(step, jnp.int32) - jnp.maximum(last_changed, 0)).astype(jnp.int32)
