@@ -3,7 +3,8 @@
 Shared by GistNet (over the K entries of a block, positions 0..K-1) and LensNet (over a
 working context, at the entries' global positions, Gaussian-damped by their spans).
 Pre-norm layers with QK-norm and a relu² MLP of width 4D, as in the base GPT; params
-stacked on a leading "layers" axis and run with one `lax.scan`.
+stacked on a leading "layers" axis, layers unrolled in the program (these encoders are
+shallow).
 
 Params (f32, cast to `dtype`): wq, wk, wv, wo [L, D, D]; w_fc [L, D, 4D]; w_proj [L, 4D, D].
 wo and w_proj start at zero, so a fresh encoder is the identity.
@@ -81,8 +82,9 @@ class Encoder(nn.Module):
             w = self.param(name, nn.with_logical_partitioning(init, ("layers",) + axes), (self.layers,) + shape, jnp.float32)
             ws[name] = w.astype(self.dtype)
 
-        def step(x, w):
-            return encoder_layer(x, w, cos, sin, mask, self.num_heads), None
-
-        x, _ = jax.lax.scan(step, x.astype(self.dtype), ws)
+        # split, not index, so the backward pass concatenates the layer grads once
+        per_layer = {name: [v[0] for v in jnp.split(w, self.layers)] for name, w in ws.items()}
+        x = x.astype(self.dtype)
+        for i in range(self.layers):
+            x = encoder_layer(x, {name: v[i] for name, v in per_layer.items()}, cos, sin, mask, self.num_heads)
         return x

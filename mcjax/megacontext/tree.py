@@ -1,0 +1,165 @@
+"""The LOD tree of a token history: token embeddings (LOD0), block gists (LOD1), superblock
+gists (LOD2), built whole for training or grown token by token for inference.
+
+`build_tree` (training) makes one batched GistNet call per level: `[B*N1, K, D] -> [B*N1, D]`
+over the tokens, then `[B*N2, K, D] -> [B*N2, D]` over the LOD1 gists of complete
+superblocks. A LOD1 gist depends only on its block's K tokens, a LOD2 gist only on its K
+blocks, so gists never see the future.
+
+`StreamTree` (inference) holds a fixed capacity C (a multiple of K²) and a valid length.
+`append` writes up to n new rows and recomputes only the touched nodes: a static
+ceil(n/K)+1 blocks from the one holding the old end, and the superblocks over them. After
+every append, for every block b and superblock s,
+  lod1[b] = gist_fn(lod0 block b, mask = token position < length)   (zeros if empty),
+  lod2[s] = gist_fn(lod1 children of s, mask = child holds a token < length),
+so complete nodes equal `build_tree`'s and partial ones are GistNet over their real part.
+
+`gist_fn(x [..., K, D], mask [..., K] | None) -> [..., D]` is the compressor, e.g.
+`lambda x, mask=None: gistnet.apply(params, x, mask)`; mask True marks real entries.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+GistFn = Callable[..., jnp.ndarray]
+
+
+class Tree(NamedTuple):
+    """The LOD tree of a batch of sequences of T tokens (K tokens per block).
+
+    lod0 [B, T, D]: token embeddings. lod1 [B, N1, D]: one gist per block (N1 = T/K).
+    lod2 [B, N2, D]: one gist per complete superblock of K blocks (N2 = T // K²; 0 rows when
+    max_lod is 1 or T < K²). One sequence's levels are what `layout.assemble` takes.
+    """
+
+    lod0: jnp.ndarray
+    lod1: jnp.ndarray
+    lod2: jnp.ndarray
+
+
+def build_tree(gist_fn: GistFn, lod0: jnp.ndarray, k: int, max_lod: int = 2) -> Tree:
+    """Gist every block, then every complete superblock. lod0 [B, T, D], T a multiple of k.
+
+    One gist_fn call per level (none for LOD2 when it has no rows). Pure; jit it with the
+    step (k and max_lod are static).
+    """
+    b, t, d = lod0.shape
+    if t % k:
+        raise ValueError(f"sequence length {t} is not a multiple of the block size {k}")
+    n1, n2 = t // k, t // (k * k) if max_lod >= 2 else 0
+    lod1 = gist_fn(lod0.reshape(b * n1, k, d)).reshape(b, n1, d)
+    if n2 == 0:
+        return Tree(lod0, lod1, jnp.zeros((b, 0, d), lod1.dtype))
+    lod2 = gist_fn(lod1[:, : n2 * k].reshape(b * n2, k, d)).reshape(b, n2, d)
+    return Tree(lod0, lod1, lod2)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+class StreamTree(NamedTuple):
+    """One growing history of capacity C tokens (C a multiple of K²; vmap for a batch).
+
+    lod0 [C, D]: embeddings, rows ≥ length are zeros. lod1 [C/K, D], lod2 [C/K², D] (0 rows
+    for max_lod 1): gists of the valid part of each block / superblock, zeros where empty.
+    length int32 []: valid tokens. K = C // lod1.shape[0].
+    """
+
+    lod0: jnp.ndarray
+    lod1: jnp.ndarray
+    lod2: jnp.ndarray
+    length: jnp.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return self.lod0.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.lod0.shape[0] // self.lod1.shape[0]
+
+
+def empty_stream(capacity: int, dim: int, dtype=jnp.float32, *, k: int, max_lod: int = 2) -> StreamTree:
+    """An empty StreamTree of `capacity` tokens of width `dim`, blocks of k tokens.
+
+    ValueError unless capacity is a positive multiple of k² (of k with max_lod 1).
+    """
+    unit = k * k if max_lod >= 2 else k
+    if capacity <= 0 or capacity % unit:
+        raise ValueError(f"stream capacity {capacity} must be a positive multiple of {unit}")
+    n2 = capacity // (k * k) if max_lod >= 2 else 0
+    return StreamTree(
+        lod0=jnp.zeros((capacity, dim), dtype),
+        lod1=jnp.zeros((capacity // k, dim), dtype),
+        lod2=jnp.zeros((n2, dim), dtype),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+def check_append(tree: StreamTree, n_valid: int, n: int | None = None) -> None:
+    """Host-side guard before `append`: ValueError if n_valid is negative, exceeds the n
+    rows given, or would run past the capacity (append itself clamps silently)."""
+    length = int(tree.length)
+    if n_valid < 0 or (n is not None and n_valid > n):
+        raise ValueError(f"n_valid {n_valid} must be in [0, {n if n is not None else 'n'}]")
+    if length + n_valid > tree.capacity:
+        raise ValueError(f"appending {n_valid} tokens to {length} overflows the stream capacity {tree.capacity}")
+
+
+def _write_rows(lod0: jnp.ndarray, new: jnp.ndarray, length, count) -> jnp.ndarray:
+    """lod0 [C, D] with rows length..length+count-1 replaced by new[:count] (new [n, D], n ≤ C).
+
+    Reads the n-row window that starts at length (clamped by dynamic_slice to fit), keeps
+    old rows outside [length, length+count), and writes the window back.
+    """
+    n = new.shape[0]
+    start = jnp.clip(length, 0, lod0.shape[0] - n)
+    window = jax.lax.dynamic_slice_in_dim(lod0, start, n)
+    src = start + jnp.arange(n) - length  # index into new of each window row
+    take = (src >= 0) & (src < count)
+    rows = jnp.where(take[:, None], new[jnp.clip(src, 0, n - 1)].astype(lod0.dtype), window)
+    return jax.lax.dynamic_update_slice_in_dim(lod0, rows, start, axis=0)
+
+
+def _regist(gist_fn: GistFn, level: jnp.ndarray, parent: jnp.ndarray, first, count: int, k: int, valid_children):
+    """Recompute `count` consecutive parents from index `first` (past-the-end ones dropped).
+
+    level [M*k, D] children; parent [M, D]; valid_children(child_index int [count, k]) -> bool
+    mask of real children. Returns the updated parent [M, D].
+    """
+    idx = first + jnp.arange(count)  # [count]
+    child = idx[:, None] * k + jnp.arange(k)  # [count, k]
+    x = level[jnp.clip(child, 0, level.shape[0] - 1)]  # [count, k, D]
+    gists = gist_fn(x, valid_children(child)).astype(parent.dtype)
+    return parent.at[idx].set(gists, mode="drop")
+
+
+def append(gist_fn: GistFn, tree: StreamTree, new: jnp.ndarray, n_valid) -> StreamTree:
+    """Append the first n_valid of the n rows `new [n, D]` (n static, n_valid an int32 scalar,
+    traced or not) and refresh the touched gists. Jit-friendly: the work is a static
+    ceil(n/K)+1 LOD1 nodes and ceil((ceil(n/K)+1)/K)+1 LOD2 nodes whatever n_valid is.
+
+    n_valid is clamped to [0, n], and past capacity to the rows that fit: length stops at
+    C and nothing earlier is overwritten (call `check_append` on the host to raise instead).
+    """
+    c, k = tree.capacity, tree.block_size
+    n = new.shape[0]
+    if n > c:
+        raise ValueError(f"cannot append {n} rows to a stream of capacity {c}")
+    length = tree.length.astype(jnp.int32)
+    count = jnp.clip(jnp.asarray(n_valid, jnp.int32), 0, jnp.minimum(n, c - length))
+    end = length + count
+    lod0 = _write_rows(tree.lod0, new, length, count)
+
+    first_block = length // k
+    nb = -(-n // k) + 1
+    lod1 = _regist(gist_fn, lod0, tree.lod1, first_block, nb, k, lambda pos: pos < end)
+    lod2 = tree.lod2
+    if lod2.shape[0]:
+        ns = -(-nb // k) + 1
+        lod2 = _regist(gist_fn, lod1, lod2, first_block // k, ns, k, lambda blk: blk * k < end)
+    return StreamTree(lod0, lod1, lod2, end)
