@@ -176,7 +176,7 @@ def _ablation(mode, cfg, model, tx, state, batch):
     raise ValueError(mode)
 
 
-def summarize_trace(log_dir: str, steps: int, top: int = 45) -> str:
+def summarize_trace(log_dir: str, steps: int, top: int = 70) -> str:
     """Per-kernel GPU time from the newest .xplane.pb under log_dir (ms per step); printed and saved."""
     import collections
     import glob
@@ -201,7 +201,8 @@ def summarize_trace(log_dir: str, steps: int, top: int = 45) -> str:
                 op = stats.get("hlo_op", "") or ""
                 name = ev.name
                 d = ev.duration_ns / 1e6
-                key = f"{op} | {name[:70]}"
+                base = re.sub(r"[._]\d+$", "", op)  # one row per op kind, not per layer
+                key = f"{base} | {name[:70]}"
                 by_op[key] += d
                 count[key] += 1
                 by_kernel[name[:90]] += d

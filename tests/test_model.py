@@ -161,3 +161,40 @@ def test_resolve_backend_choices():
     assert r.dtype == jnp.bfloat16 and r.attention == "cudnn"
     assert resolve("float32", "auto", "gpu").attention == "xla"
     assert resolve("auto", "auto", "tpu").attention == "xla"
+
+
+def test_gaussian_rope_is_plain_rope_for_single_tokens():
+    pos = jnp.asarray([[0, 5, 17, 300]])
+    plain = rope_angles(pos, 32, 10000.0)
+    gauss = rope_angles(pos, 32, 10000.0, spans=jnp.ones_like(pos))
+    for a, b in zip(plain, gauss):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_gaussian_rope_centres_and_damps_by_frequency():
+    """A 32-token gist: rotation at its centre, each frequency damped by exp(-½(σω)²), σ² = (32²−1)/12."""
+    cos, sin = rope_angles(jnp.asarray([[64]]), 8, 100.0, spans=jnp.asarray([[32]]))
+    omega = 100.0 ** (-np.arange(0, 8, 2) / 8)
+    damp = np.exp(-0.5 * (np.sqrt((32**2 - 1) / 12) * omega) ** 2)
+    np.testing.assert_allclose(np.asarray(cos[0, 0]), np.cos(79.5 * omega) * damp, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(sin[0, 0]), np.sin(79.5 * omega) * damp, rtol=1e-5, atol=1e-7)
+    assert damp[0] < 1e-6 and damp[-1] > 0.5  # fast frequencies vanish, slow ones survive
+
+
+def test_pallas_loss_kernel_matches_xla_path():
+    """The GPU kernel of the fused loss (run in Pallas' interpreter) equals the XLA path."""
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 2048)), jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, 2048, 8))
+    g = jnp.asarray(rng.uniform(size=8), jnp.float32)
+
+    def loss(kernel):
+        return lambda h, w: token_nll(h, w, tgt, softcap=15.0, kernel=kernel) @ g
+
+    (va, ga), (vb, gb) = (jax.value_and_grad(loss(k), (0, 1))(h, w) for k in ("pallas_interpret", "xla"))
+    np.testing.assert_allclose(float(va), float(vb), rtol=1e-6)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kernel"):
+        token_nll(h, w, tgt, softcap=15.0, kernel="cuda")

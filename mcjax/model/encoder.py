@@ -18,24 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcjax.model.gpt import rms_norm
+from mcjax.model.gpt import layer_params, rms_norm, split_layers
 from mcjax.model.rope import apply_rope
 
 Dtype = Any
-
-
-def fan_in_init(fan_in: int, fan_out: int):
-    """N(0, σ) with σ = fan_in^-½ · min(1, (fan_out/fan_in)^½) (nanochat's linear init)."""
-    return nn.initializers.normal(stddev=fan_in**-0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
-
-
-def stacked(init):
-    """An initializer of [L, *shape] that draws each layer's matrix independently."""
-
-    def stacked_init(key, shape, dtype=jnp.float32):
-        return jax.vmap(lambda k: init(k, shape[1:], dtype))(jax.random.split(key, shape[0]))
-
-    return stacked_init
 
 
 def masked_attention(q, k, v, mask):
@@ -67,24 +53,8 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, cos, sin):
-        d = x.shape[-1]
-        specs = {
-            "wq": ((d, d), ("embed", "heads"), False),
-            "wk": ((d, d), ("embed", "heads"), False),
-            "wv": ((d, d), ("embed", "heads"), False),
-            "wo": ((d, d), ("heads", "embed"), True),
-            "w_fc": ((d, 4 * d), ("embed", "mlp"), False),
-            "w_proj": ((4 * d, d), ("mlp", "embed"), True),
-        }
-        ws = {}
-        for name, (shape, axes, zero) in specs.items():
-            init = nn.initializers.zeros if zero else stacked(fan_in_init(*shape))
-            w = self.param(name, nn.with_logical_partitioning(init, ("layers",) + axes), (self.layers,) + shape, jnp.float32)
-            ws[name] = w.astype(self.dtype)
-
-        # split, not index, so the backward pass concatenates the layer grads once
-        per_layer = {name: [v[0] for v in jnp.split(w, self.layers)] for name, w in ws.items()}
+        ws = layer_params(self, x.shape[-1], self.layers, self.dtype)
         x = x.astype(self.dtype)
-        for i in range(self.layers):
-            x = encoder_layer(x, {name: v[i] for name, v in per_layer.items()}, cos, sin, mask, self.num_heads)
+        for w in split_layers(ws, self.layers):
+            x = encoder_layer(x, w, cos, sin, mask, self.num_heads)
         return x

@@ -45,8 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcjax.model.encoder import Encoder, fan_in_init, masked_attention
-from mcjax.model.gpt import resolve, rms_norm
+from mcjax.model.encoder import Encoder, masked_attention
+from mcjax.model.gpt import fan_in_init, resolve, rms_norm
 from mcjax.model.rope import rope_angles
 
 Dtype = Any

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mcjax.megacontext.layout import WorkingContext
-from mcjax.model.encoder import Encoder, fan_in_init
-from mcjax.model.gpt import resolve, rms_norm
+from mcjax.model.encoder import Encoder
+from mcjax.model.gpt import fan_in_init, resolve, rms_norm
 from mcjax.model.rope import rope_angles
 
 Dtype = Any
