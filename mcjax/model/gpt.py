@@ -206,18 +206,22 @@ class GPT(nn.Module):
         *,
         embeddings: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
+        spans: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """Final normed hidden states [B, T, D].
 
         Give either `tokens` int [B, T] or `embeddings` [B, T, D] (e.g. a working context
         of raw tokens and gists). `positions` [B, T] (int or float) place each entry for
-        RoPE; the default is 0..T-1. Attention is causal over the given order.
+        RoPE; the default is 0..T-1. `spans` [B, T] (tokens each entry covers) switch to
+        Gaussian RoPE (rope.py): gists sit at the centre of their tokens with the fast
+        frequencies damped; single tokens are unchanged. Attention is causal over the
+        given order.
         """
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
         b, t, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        cos, sin = rope_angles(positions, self.head_dim, self.rope_base)
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_base, spans)
         x = self.blocks(rms_norm(x), cos, sin)
         return rms_norm(x)
 
