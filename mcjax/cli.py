@@ -1,4 +1,4 @@
-"""`mcjax <command>`: prep and train now; eval, bench and infer plug in the same way.
+"""`mcjax <command>`: prep, train and bench; eval and infer plug in the same way.
 
 Every command takes `--config FILE` and trailing `a.b=value` overrides. Errors a user
 can cause are printed as one line (`mcjax: error: ...`) with exit code 2, never a
@@ -35,6 +35,22 @@ def cmd_train(args) -> None:
     train(cfg, resume=args.resume)
 
 
+def cmd_bench(args) -> None:
+    cfg = _load(args)
+    t, mc = cfg.dataset.context_tokens, cfg.megacontext
+    wc = args.wc_length or mc.train_wc_length
+    if not 0 < wc <= 1 or wc * t < mc.recent_tokens + cfg.dataset.block_size:
+        raise UserError(
+            f"--wc-length {wc}: must be in (0, 1] with {wc} × {t} ≥ megacontext.recent_tokens "
+            f"({mc.recent_tokens}) + one block ({cfg.dataset.block_size})"
+        )
+    if args.batch < 1:
+        raise UserError(f"--batch {args.batch}: must be ≥ 1")
+    from mcjax.bench import main as bench_main
+
+    bench_main(cfg, batch=args.batch, wc_length=wc, steps=args.steps, json_path=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -50,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the files are up to date")
     p = command("train", cmd_train, "train (prepares the data first if needed)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p = command("bench", cmd_bench, "time the plain GPT step and the MegaContext step side by side")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--wc-length", type=float, default=0.0, help="variant length × context_tokens (default megacontext.train_wc_length)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode after 3 warm-up steps (default 10)")
+    p.add_argument("--json", default="", help="also write the results here")
     return parser
 
 

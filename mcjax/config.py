@@ -79,6 +79,21 @@ class MegaContextConfig:
     recent_tokens: int = 128  # the protected tail: always at LOD0 (≥ dataset.horizon)
     max_lod: int = 2  # 1: gists of blocks only; 2: also gists of K blocks
     rope: Literal["gaussian", "simple"] = "gaussian"  # gaussian: damp frequency ω by exp(-½(span·ω)²)
+    # MegaContext training (mcjax/train/mc_step.py): off trains the plain GPT on raw tokens.
+    enabled: bool = False
+    num_random_variants: int = 2  # compressed WC variants per sequence, beside the recency baseline
+    train_wc_length: float = 0.2  # variants' target length at the end of the curriculum, × context_tokens
+    curriculum_start: float = 0.8  # variants' target length at step 0, × context_tokens
+    curriculum_ratio: float = 0.5  # share of training over which the target anneals (then holds)
+    lod2_probability: float = 0.2  # chance that a variant collapses a complete superblock to one LOD2 gist
+    eval_wc_length: float = 0.0  # validation variants' length × context_tokens; 0 = train_wc_length
+    gist_delta_weight: float = 0.1  # penalty weight · relu(ΔNLL) of each variant
+    gist_kl_weight: float = 0.0  # KL(full-context ‖ gist-context) next-token distributions on the horizon
+    lens_loss_weight: float = 0.1  # LensNet's pairwise Bradley–Terry preference loss
+    lens_temperature: float = 0.5  # preference logit = (score_j − score_i) / temperature
+    advantage_ema: float = 0.99  # decay of the running ΔNLL mean/variance that normalises labels
+    dump_every_tokens: int = 0  # LOD ASCII dumps + ΔNLL parquet labels; 0 = at each evaluation
+    profile_every_tokens: int = 0  # device-synchronised timing breakdown; 0 = first logged step only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +115,7 @@ class TrainingConfig:
     token_budget: int = 0
     matrix_lr: float = 0.02  # Muon, 2-D matrices
     embedding_lr: float = 0.2  # AdamW, scaled by (model_dim / 768) ** -0.5
+    controller_lr: float = 0.001  # AdamW for GistNet and LensNet (MegaContext training)
     unembedding_lr: float = 0.004  # AdamW, scaled likewise
     adam_beta1: float = 0.8
     adam_beta2: float = 0.95
@@ -369,7 +385,7 @@ def validate(cfg: Config) -> None:
         fail("training.max_steps", "max_steps and token_budget must be ≥ 0")
     if (t.max_steps > 0) == (t.token_budget > 0):
         fail("training.max_steps", "set exactly one of training.max_steps and training.token_budget")
-    for key in ("matrix_lr", "embedding_lr", "unembedding_lr"):
+    for key in ("matrix_lr", "embedding_lr", "unembedding_lr", "controller_lr"):
         if getattr(t, key) < 0:
             fail(f"training.{key}", f"must be ≥ 0, got {getattr(t, key)}")
     for key in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
@@ -440,6 +456,7 @@ def _validate_megacontext(cfg: Config, fail) -> None:
     least = min_wc_entries(t // k, k, mc.recent_tokens, mc.max_lod)
     if w < least:
         fail("megacontext.wc_capacity", f"{w} cannot hold even the most compressed layout of {t} tokens ({least} entries)")
+    _validate_mc_training(cfg, fail)
     if al.max_replacements < 1:
         fail("allocator.max_replacements", f"must be ≥ 1, got {al.max_replacements}")
     if al.iterations < 1:
@@ -451,6 +468,40 @@ def _validate_megacontext(cfg: Config, fail) -> None:
             fail(f"allocator.{key}", f"must be in [0, 1] (scores are tanh), got {getattr(al, key)}")
     if al.temperature <= 0:
         fail("allocator.temperature", f"must be > 0, got {al.temperature}")
+
+
+def _validate_mc_training(cfg: Config, fail) -> None:
+    d, mc = cfg.dataset, cfg.megacontext
+    k, t = d.block_size, d.context_tokens
+    if mc.num_random_variants < 0:
+        fail("megacontext.num_random_variants", f"must be ≥ 0, got {mc.num_random_variants}")
+    floor = mc.recent_tokens + k
+    for key in ("train_wc_length", "eval_wc_length"):
+        frac = getattr(mc, key)
+        if key == "eval_wc_length" and frac == 0:
+            continue
+        if not 0 < frac <= 1:
+            fail(f"megacontext.{key}", f"must be a fraction of context_tokens in (0, 1], got {frac}")
+        if mc.enabled and frac * t < floor:  # only binding when MegaContext training is on
+            fail(
+                f"megacontext.{key}",
+                f"{frac} × {t} = {frac * t:g} entries is below the protected tail "
+                f"(recent_tokens {mc.recent_tokens}) plus one block ({k}) = {floor}",
+            )
+    if not mc.train_wc_length <= mc.curriculum_start <= 1:
+        fail("megacontext.curriculum_start", f"must be in [train_wc_length ({mc.train_wc_length}), 1], got {mc.curriculum_start}")
+    for key in ("curriculum_ratio", "lod2_probability"):
+        if not 0 <= getattr(mc, key) <= 1:
+            fail(f"megacontext.{key}", f"must be in [0, 1], got {getattr(mc, key)}")
+    for key in ("gist_delta_weight", "gist_kl_weight", "lens_loss_weight"):
+        if getattr(mc, key) < 0:
+            fail(f"megacontext.{key}", f"must be ≥ 0, got {getattr(mc, key)}")
+    if mc.lens_temperature <= 0:
+        fail("megacontext.lens_temperature", f"must be > 0, got {mc.lens_temperature}")
+    if not 0 <= mc.advantage_ema < 1:
+        fail("megacontext.advantage_ema", f"must be in [0, 1), got {mc.advantage_ema}")
+    if mc.dump_every_tokens < 0 or mc.profile_every_tokens < 0:
+        fail("megacontext.dump_every_tokens", "dump_every_tokens and profile_every_tokens must be ≥ 0")
 
 
 def mesh_shape(cfg: Config, num_devices: int) -> dict[str, int]:

@@ -144,6 +144,9 @@ def test_lr_schedule_shape():
 
 def test_param_groups():
     assert param_group("wte") == "embedding"
+    assert param_group("gpt", "wte") == "embedding"
+    assert param_group("gpt", "blocks", "wq") == "matrix"
+    assert param_group("gistnet", "head", "w") == param_group("lensnet", "w_out") == "controller"
     assert param_group("lm_head") == "unembedding"
     assert param_group("blocks") == "matrix"
 

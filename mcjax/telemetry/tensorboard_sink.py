@@ -6,6 +6,7 @@ Scalars via `add_scalar`, histograms via `add_histogram`, text via `add_text`. W
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +24,8 @@ class TensorBoardSink:
 
     def log(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, np.ndarray]) -> None:
         for name, value in scalars.items():
-            self.writer.add_scalar(name, value, global_step=step)
+            if math.isfinite(value):  # undefined values (e.g. a correlation of constants) are left out
+                self.writer.add_scalar(name, value, global_step=step)
         for name, values in histograms.items():
             if values.size:  # tensorboardX refuses an empty histogram
                 self.writer.add_histogram(name, values, global_step=step)

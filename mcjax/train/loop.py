@@ -22,7 +22,9 @@ from mcjax.data.prep import is_prepared, prepare, tokenizer_path
 from mcjax.data.tokenizer import Tokenizer
 from mcjax.errors import UserError
 from mcjax.model.gpt import build_gpt
+from mcjax.model.megacontext import build_megacontext
 from mcjax.telemetry import Telemetry
+from mcjax.telemetry.plots import plot_run
 from mcjax.telemetry.progress import Progress
 from mcjax.train import distributed
 from mcjax.train.flops import flops_per_token, mfu, peak_flops
@@ -30,6 +32,8 @@ from mcjax.train.memory import device_memory
 from mcjax.train.optim import build_optimizer
 from mcjax.train.sharding import batch_sharding, global_batch, make_mesh, replicated
 from mcjax.train.state import abstract_state, create_state, state_shardings
+from mcjax.train.mc_runner import MCRunner
+from mcjax.train.mc_step import initial_stats
 from mcjax.train.step import jit_train_step, make_eval_step, make_train_step
 
 
@@ -49,7 +53,8 @@ def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
 
 
 def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
-    """Train the GPT of `cfg`; returns the final report card (also written as summary.json)."""
+    """Train the GPT of `cfg` — with GistNet and LensNet when `megacontext.enabled` — and
+    return the final report card (also written as summary.json)."""
     distributed.maybe_initialize()
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *a, **k: None)
@@ -73,9 +78,12 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
             f"{accum} micro-steps on each of {procs} processes"
         )
     mesh = make_mesh(cfg)
-    model, tx = build_gpt(cfg), build_optimizer(cfg)
+    mc_on = cfg.megacontext.enabled
+    model = build_megacontext(cfg) if mc_on else build_gpt(cfg)
+    tx = build_optimizer(cfg)
+    stats = initial_stats if mc_on else None
     sample = jnp.zeros((1, T), jnp.int32)
-    shardings = state_shardings(model, tx, mesh, sample)
+    shardings = state_shardings(model, tx, mesh, sample, stats)
     train_sh = batch_sharding(mesh, leading=1)  # [A, B, T+1]
     eval_sh = batch_sharding(mesh, leading=0)  # [B, T+1]
 
@@ -98,37 +106,45 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
         process_count=procs,
     )
     if latest is not None:
-        state, data_state, _ = ckpt.restore(abstract_state(model, tx, shardings, sample), latest)
+        state, data_state, _ = ckpt.restore(abstract_state(model, tx, shardings, sample, stats), latest)
         data.set_state(data_state)
         log(f"resumed '{cfg.run}' from step {latest} ({ckpt_dir})")
     else:
         if resume:
             log(f"no checkpoint of '{cfg.run}' yet: starting from step 0")
-        state = create_state(model, tx, shardings, t.seed, sample)
+        state = create_state(model, tx, shardings, t.seed, sample, stats)
     start = int(state.step)
 
-    step_fn = jit_train_step(make_train_step(model, tx, cfg), shardings, train_sh, mesh)
-    eval_fn = jax.jit(
-        make_eval_step(model, cfg),
-        in_shardings=(shardings.params, eval_sh, replicated(mesh)),
-        out_shardings=replicated(mesh),
-    )
+    if mc_on:
+        runner = MCRunner(cfg, model, tx, shardings, mesh, local_batch=local_batch)
+    else:
+        step_fn = jit_train_step(make_train_step(model, tx, cfg), shardings, train_sh, mesh)
+        eval_fn = jax.jit(
+            make_eval_step(model, cfg),
+            in_shardings=(shardings.params, eval_sh, replicated(mesh)),
+            out_shardings=replicated(mesh),
+        )
 
     def evaluate(params) -> dict[str, float]:
         if "val" not in cfg.dataset.splits or t.eval_tokens == 0:
             return {}
         micro = t.micro_batch_size or t.batch_size
         sums: dict[str, float] = {}
-        for local in eval_batches(
+        for index, local in enumerate(eval_batches(
             cfg.dataset.splits["val"].output_path,
             batch_size=micro // procs,
             max_rows=max(micro, t.eval_tokens // T),
             process_index=jax.process_index(),
             process_count=procs,
-        ):
-            res = jax.device_get(eval_fn(params, global_batch(local, eval_sh), token_bytes))
+        )):
+            if mc_on:
+                res = runner.eval_sums(params, local, index, token_bytes)
+            else:
+                res = jax.device_get(eval_fn(params, global_batch(local, eval_sh), token_bytes))
             for k, v in res.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        if mc_on:
+            return runner.val_metrics(sums)
         return {
             "val/loss": sums["nll_sum"] / sums["tokens"],
             "val/bpb": sums["text_nll_sum"] / (np.log(2) * max(sums["bytes"], 1.0)),
@@ -147,6 +163,14 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
         f"{accum} micro-step(s), {fpt / 1e6:.1f} MFLOP/token"
     )
 
+    mc = cfg.megacontext
+
+    def dump(step: int) -> None:
+        text = runner.dump(state, step, out, run_dir, is_main)
+        if text:
+            telemetry.log_text(step, "mc/lod_dump", text)
+            progress.write(text)
+
     # ---------------------------------------------------------------- loop
     tps = cfg.tokens_per_step
     rates: list[float] = []
@@ -156,28 +180,43 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
     try:
         for step in range(start, total):
             local = next(data).reshape(accum, local_batch // accum, T + 1)
-            state, metrics = step_fn(state, global_batch(local, train_sh))
             done, tokens = step + 1, (step + 1) * tps
+            profiled = mc_on and (step == start + 1 or crossed(tokens - tps, tokens, mc.profile_every_tokens))
+            if profiled:  # timing breakdown: synchronised, so not counted in tok/s
+                state, metrics, host = runner.profile(state, local, step)
+            elif mc_on:
+                state, metrics, host = runner.train_step(state, local, step)
+            else:
+                state, metrics = step_fn(state, global_batch(local, train_sh))
             first = step == start
             if first or crossed(tokens - tps, tokens, cfg.telemetry.log_every_tokens or tps) or done == total:
                 metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 row = dict(metrics_host)
+                if mc_on:
+                    row.update(host)
                 row.update({
                     "train/tokens": float(tokens),
                     "train/tokens_per_step": float(tps),
                     "train/grad_accum_steps": float(accum),
                 })
-                if last["time"] is not None:  # the first step's time is mostly compilation
+                if last["time"] is not None and not profiled:  # the first step's time is mostly compilation
                     rate = (tokens - last["tokens"]) / (now - last["time"])
                     rates.append(rate)
                     row["train/tok_per_sec"] = rate
-                    if peak:
+                    if peak and mc_on:  # base-model FLOPs over every WC entry; and per input token
+                        row["train/mfu"] = mfu(rate, host["mc/flops_per_input_token"], jax.device_count(), peak)
+                        row["train/mfu_input"] = mfu(rate, fpt, jax.device_count(), peak)
+                    elif peak:
                         row["train/mfu"] = mfu(rate, fpt, jax.device_count(), peak)
                 row.update(device_memory())
                 last.update(time=now, tokens=tokens)
                 telemetry.log(done, row)
                 progress.update(done, row["train/loss"], row.get("train/tok_per_sec", float("nan")))
+            if profiled:
+                last.update(time=time.perf_counter(), tokens=tokens)
+            if mc_on and crossed(tokens - tps, tokens, mc.dump_every_tokens or t.eval_every_tokens) and done != total:
+                dump(done)
             if crossed(tokens - tps, tokens, t.eval_every_tokens) and done != total:
                 val = evaluate(state.params)
                 telemetry.log(done, val)
@@ -187,16 +226,22 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
                 ckpt.save(done, state, data.get_state(), {"step": done, "tokens": tokens, "config": cfg.to_dict()})
         if start < total or latest is None:
             ckpt.save(total, state, data.get_state(), {"step": total, "tokens": total * tps, "config": cfg.to_dict()})
+        if mc_on and start < total:
+            dump(total)
         val = evaluate(state.params)
         telemetry.log(total, val)
     finally:
         progress.close()
         ckpt.close()
+    if is_main and cfg.telemetry.jsonl and (run_dir / "metrics.jsonl").is_file():
+        plots = plot_run(run_dir / "metrics.jsonl", run_dir / "plots")
+        log(f"plots: {', '.join(str(p) for p in plots)}")
 
     card = {
         "steps": float(total),
         "tokens": float(total * tps),
         "train/loss": metrics_host.get("train/loss", float("nan")),
+        **{k: metrics_host[k] for k in ("train/delta_nll_mean", "mc/lod_delta/1", "mc/lens_loss") if k in metrics_host},
         **val,
         "train/tok_per_sec_median": float(round(statistics.median(rates))) if rates else float("nan"),
         "wall_seconds": time.perf_counter() - started,

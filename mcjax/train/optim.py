@@ -1,7 +1,9 @@
 """The optimizer of every parameter group, and the learning-rate schedule.
 
 GPT matrices learn with Muon; the embedding and the head with AdamW, their learning
-rates scaled by (model_dim / 768)^-½ as in nanochat. Every group follows one schedule:
+rates scaled by (model_dim / 768)^-½ as in nanochat. In MegaContext training the
+GistNet and LensNet params (the "gistnet" and "lensnet" sub-trees) learn with AdamW at
+`controller_lr`. Every group follows one schedule:
 linear warmup, constant, then a linear warmdown to `final_lr_frac`. The global
 gradient norm is clipped first (when `grad_clip` > 0).
 """
@@ -27,8 +29,12 @@ def lr_multiplier(step, total_steps: int, warmup_ratio: float, warmdown_ratio: f
     return jnp.where(step > total_steps - warmdown, down, mult)
 
 
-def param_group(top: str) -> str:
-    """Which optimizer a parameter belongs to, from its top-level name in the param tree."""
+def param_group(*keys: str) -> str:
+    """Which optimizer a parameter belongs to, from the keys of its path in the param tree
+    (a plain GPT's tree, or MegaContext's {"gpt", "gistnet", "lensnet"})."""
+    if keys[0] in ("gistnet", "lensnet"):
+        return "controller"
+    top = keys[1] if keys[0] == "gpt" and len(keys) > 1 else keys[0]
     if top == "wte":
         return "embedding"
     if top == "lm_head":
@@ -61,10 +67,13 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
         "matrix": muon(schedule(t.matrix_lr), muon_momentum),
         "embedding": adamw(t.embedding_lr),
         "unembedding": adamw(t.unembedding_lr),
+        "controller": optax.adamw(
+            schedule(t.controller_lr), b1=0.9, b2=0.95, eps=1e-8, weight_decay=t.weight_decay
+        ),
     }
 
     def labels(params):
-        return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path[0].key), params)
+        return jax.tree_util.tree_map_with_path(lambda path, _: param_group(*(p.key for p in path if hasattr(p, "key"))), params)
 
     tx = optax.multi_transform(groups, labels)
     if t.grad_clip > 0:

@@ -57,7 +57,7 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg):
             "train/grad_norm": optax.tree.norm(grads),
             "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=state.stats), metrics
 
     return train_step
 

@@ -1,0 +1,162 @@
+"""`mcjax bench`: the plain GPT step and the MegaContext step of one config, side by side.
+
+Both run in this process on random tokens (speed does not depend on the text), at the
+same batch of B sequences of T tokens, after warm-up, each step synchronised:
+
+  baseline  the GPT on B × T raw tokens (`train/step.py`);
+  mc        the MegaContext step (`train/mc_step.py`): GistNet tree, the recency baseline
+            and N variants per sequence at the variant length `--wc-length` × T, the GPT
+            on every working context, LensNet and its loss, one update of all three nets.
+
+Reported per mode: step ms (median), input tokens/s (B·T per step), MFU over the
+base-model FLOPs actually computed (every real WC entry) and per input token, the MC
+controller breakdown (see `mc_runner.py`), and memory: the XLA memory analysis of the
+compiled step (arguments + temporaries + outputs not aliased to inputs) and, where the
+backend reports it, the device's peak so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax.config import Config
+from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity
+from mcjax.model.gpt import build_gpt
+from mcjax.model.megacontext import build_megacontext
+from mcjax.train.flops import flops_per_token, mfu, peak_flops
+from mcjax.train.mc_runner import Batch, MCRunner
+from mcjax.train.mc_step import initial_stats
+from mcjax.train.memory import device_memory
+from mcjax.train.optim import build_optimizer
+from mcjax.train.sharding import batch_sharding, global_batch, make_mesh
+from mcjax.train.state import create_state, state_shardings
+from mcjax.train.step import jit_train_step, make_train_step
+
+
+def _program_gb(jitted, *args) -> float:
+    """GB the compiled program needs: arguments + temporaries + outputs not aliased to inputs."""
+    m = jitted.lower(*args).compile().memory_analysis()
+    if m is None:
+        return float("nan")
+    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return total / 1e9
+
+
+def _median_ms(run, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 10, warmup: int = 3) -> dict:
+    """Time both steps of `cfg` at `batch` sequences; returns the results table as a dict."""
+    cfg = dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, batch_size=batch, micro_batch_size=batch)
+    )
+    t, v = cfg.dataset.context_tokens, cfg.dataset.vocab_size
+    mesh = make_mesh(cfg)
+    sh = batch_sharding(mesh, leading=1)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, v, (1, batch, t + 1)).astype(np.int32)
+    peak = peak_flops()
+    fpt = flops_per_token(cfg.base_model.depth, cfg.model_dim, v, t)
+    sample = jnp.zeros((1, t), jnp.int32)
+    out: dict = {
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
+        "config": cfg.name, "batch": batch, "seq": t, "variants": cfg.megacontext.num_random_variants,
+        "wc_length": wc_length,
+    }
+
+    # ---- baseline: the plain GPT step
+    gpt, tx = build_gpt(cfg), build_optimizer(cfg)
+    shard = state_shardings(gpt, tx, mesh, sample)
+    step = jit_train_step(make_train_step(gpt, tx, cfg), shard, sh, mesh)
+    box = {"state": create_state(gpt, tx, shard, 0, sample)}
+    tok = global_batch(tokens, sh)
+    out["baseline_program_gb"] = _program_gb(step, box["state"], tok)
+
+    def run_base():
+        box["state"], m = step(box["state"], tok)
+        jax.block_until_ready(m)
+
+    ms = _median_ms(run_base, steps, warmup)
+    out.update(baseline_step_ms=ms, baseline_tok_per_sec=batch * t / ms * 1e3)
+    out["baseline_mfu"] = mfu(out["baseline_tok_per_sec"], fpt, jax.device_count(), peak)
+    out["baseline_device_peak_gb"] = device_memory().get("runtime/gpu_memory_peak_gb", float("nan"))
+    del box["state"]  # free the plain state before building the MegaContext one
+
+    # ---- MegaContext step
+    model = build_megacontext(cfg)
+    shard = state_shardings(model, tx, mesh, sample, initial_stats)
+    runner = MCRunner(cfg, model, tx, shard, mesh, local_batch=batch)
+    spec = VariantSpec.from_config(cfg)
+    target = int(round(wc_length * t))
+    lay = sample_layouts(spec, target, seed=0, step=0, rows=np.arange(batch))[None]
+    wv = variant_capacity(target, spec)
+    box["state"] = create_state(model, tx, shard, 0, sample, initial_stats)
+    tok_g, lay_g = global_batch(tokens, sh), global_batch(lay, sh)
+    out["mc_program_gb"] = _program_gb(runner.step_fn, box["state"], tok_g, lay_g, wv)
+
+    def run_mc():
+        box["state"], m = runner.step_fn(box["state"], tok_g, lay_g, wv)
+        jax.block_until_ready(m)
+
+    ms = _median_ms(run_mc, steps, warmup)
+    mc_batch = Batch(tokens, lay, target, wv)
+    fpit = runner.flops_per_input_token(mc_batch)
+    t0 = time.perf_counter()
+    runner.sample(tokens, 0)
+    variant_ms = (time.perf_counter() - t0) * 1e3
+    parts = runner.part_times(box["state"].params, mc_batch)
+    out.update(
+        mc_step_ms=ms,
+        mc_tok_per_sec=batch * t / ms * 1e3,
+        mc_mfu=mfu(batch * t / ms * 1e3, fpit, jax.device_count(), peak),
+        mc_mfu_input=mfu(batch * t / ms * 1e3, fpt, jax.device_count(), peak),
+        mc_wc_entries=float(fpit * batch * t / flops_per_token(cfg.base_model.depth, cfg.model_dim, v, t)),
+        mc_variant_capacity=wv,
+        **{f"mc_{k}": val for k, val in parts.items()},
+        mc_variant_ms=variant_ms,
+    )
+    out["mc_other_ms"] = ms - sum(parts.values())
+    out["mc_controller_share"] = sum(parts.values()) / ms
+    out["mc_device_peak_gb"] = device_memory().get("runtime/gpu_memory_peak_gb", float("nan"))
+    return {k: (round(x, 4) if isinstance(x, float) else x) for k, x in out.items()}
+
+
+def table(r: dict) -> str:
+    """The results as the seed review's table: one row per mode."""
+    lines = [
+        f"{r['config']} on {r['devices']}× {r['device']} (jax {r['jax']}): batch {r['batch']} × {r['seq']} tokens, "
+        f"{r['variants']} variants at {r['wc_length']:.0%} of the sequence (WC width {r['mc_variant_capacity']})",
+        f"{'mode':<9} {'step ms':>9} {'input tok/s':>12} {'MFU(real)':>10} {'MFU(input)':>11} {'program GB':>11}",
+        f"{'baseline':<9} {r['baseline_step_ms']:>9.1f} {r['baseline_tok_per_sec']:>12,.0f} {r['baseline_mfu']:>10.3f} "
+        f"{r['baseline_mfu']:>11.3f} {r['baseline_program_gb']:>11.2f}",
+        f"{'mc':<9} {r['mc_step_ms']:>9.1f} {r['mc_tok_per_sec']:>12,.0f} {r['mc_mfu']:>10.3f} "
+        f"{r['mc_mfu_input']:>11.3f} {r['mc_program_gb']:>11.2f}",
+        f"mc controller: build_ms {r['mc_build_ms']:.2f}, variant_pack_ms {r['mc_variant_pack_ms']:.2f}, "
+        f"lens_ms {r['mc_lens_ms']:.2f} ({r['mc_controller_share']:.1%} of the step), variant_ms (host) "
+        f"{r['mc_variant_ms']:.2f}, other_ms {r['mc_other_ms']:.1f}; {r['mc_wc_entries']:,.0f} real WC entries per step",
+    ]
+    return "\n".join(lines)
+
+
+def main(cfg: Config, *, batch: int, wc_length: float, steps: int, json_path: str = "") -> dict:
+    r = bench(cfg, batch=batch, wc_length=wc_length, steps=steps)
+    print(table(r))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(r, f, indent=1)
+    return r

@@ -1,0 +1,153 @@
+"""Plots of a run's `metrics.jsonl`: one PNG per panel in `PANELS`.
+
+`plot_run(metrics_path, out_dir)` writes, for each panel with at least one of its metrics in the
+file, `<out_dir>/<stem>.png`: the panel's metrics against the training step, one line per
+metric, with title, legend and grid. The panels are `loss.png` (train/val/LOD losses),
+`delta_nll.png` (ΔNLL of the compressed context vs. the full one) and `lens.png` (LensNet loss,
+preference correlations and policy-score statistics). Each PNG is written atomically (temp file +
+`os.replace`). Drawing uses matplotlib's object-oriented API with the Agg canvas, so no global
+pyplot state or backend is touched.
+
+CLI: `python -m mcjax.telemetry.plots <metrics.jsonl> [--out DIR]` (default DIR: `plots/` next to
+the metrics file) prints the written paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# (file stem, title, metric names) for each figure.
+PANELS: tuple[tuple[str, str, list[str]], ...] = (
+    (
+        "loss",
+        "Loss",
+        ["train/loss", "val/loss", "val/mc_loss", "mc/lod_loss/0", "mc/lod_loss/1", "mc/lod_loss/2"],
+    ),
+    (
+        "delta_nll",
+        "ΔNLL (compressed − full context)",
+        ["train/delta_nll_mean", "train/delta_nll_p95", "mc/lod_delta/1", "mc/lod_delta/2", "val/delta_nll"],
+    ),
+    (
+        "lens",
+        "LensNet",
+        [
+            "mc/lens_loss",
+            "mc/preference_corr_mean",
+            "mc/pref_span_corr",
+            "mc/policy_score_abs_mean",
+            "mc/policy_score_std_mean",
+        ],
+    ),
+)
+
+_NOT_METRICS = frozenset({"step", "time"})
+
+
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read `metrics.jsonl` into name -> (steps [N] int64, values [N] float64), sorted by step.
+
+    Only numeric scalars are kept: nulls (non-finite values), histogram dicts, text and booleans
+    are skipped, as are the `step` and `time` fields. A line that is not valid JSON is ignored
+    if it is the last line (torn by a crash); anywhere else it raises ValueError naming the file
+    and line number, as does a record that is not an object with an integer `step`.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                break  # torn last line
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"{path}:{lineno}: record is not an object with an integer 'step'")
+        for name, value in rec.items():
+            if name in _NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                continue
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(float(value))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (steps, values) in series.items():
+        s, v = np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+        order = np.argsort(s, kind="stable")
+        out[name] = (s[order], v[order])
+    return out
+
+
+def _save_atomic(fig: Figure, path: Path) -> None:
+    """Render `fig` as PNG to a temp file beside `path`, then `os.replace` it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            FigureCanvasAgg(fig).print_png(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def plot_run(metrics_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write one PNG per panel of `PANELS` that has data into `out_dir`; return the paths written.
+
+    Panels none of whose metrics appear in the file are skipped. A metric with a single point
+    is drawn as a marker. Raises FileNotFoundError if `metrics_path` does not exist.
+    """
+    metrics_path, out_dir = Path(metrics_path), Path(out_dir)
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {metrics_path}")
+    metrics = read_metrics(metrics_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for stem, title, names in PANELS:
+        present = [n for n in names if n in metrics]
+        if not present:
+            continue
+        fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+        ax = fig.add_subplot()
+        for name in present:
+            steps, values = metrics[name]
+            ax.plot(steps, values, label=name, marker="o" if len(steps) == 1 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        path = out_dir / f"{stem}.png"
+        _save_atomic(fig, path)
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: plot a `metrics.jsonl` and print the PNG paths written."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mcjax.telemetry.plots", description="Plot a run's metrics.jsonl as PNG panels."
+    )
+    parser.add_argument("metrics", type=Path, help="path to a run's metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <metrics dir>/plots)")
+    args = parser.parse_args(argv)
+    out = args.out if args.out is not None else args.metrics.parent / "plots"
+    for path in plot_run(args.metrics, out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

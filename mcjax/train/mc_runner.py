@@ -1,0 +1,229 @@
+"""Host side of MegaContext training: layouts for each batch, the jitted step, validation,
+ΔNLL label tables, LOD dumps and the timing breakdown.
+
+The training loop (`loop.py`) calls `train_step`, `eval_sums`/`val_metrics`, `dump` and
+`profile`; everything here that touches the device goes through jitted programs.
+
+Timing breakdown (`profile`, device-synchronised, on a cadence): the step is one XLA
+program, so its parts cannot be timed inside it. `mc/step_ms` is one real training step
+between two synchronisations; the controller parts are the same computations jitted alone
+on the same batch, forward + backward, median of 3 runs, times the micro-steps per step:
+  mc/build_ms         token embedding + GistNet tree (LOD1, LOD2);
+  mc/variant_pack_ms  assembly (gather) of the baseline and variant working contexts;
+  mc/lens_ms          LensNet on every WC + its preference loss;
+  mc/other_ms         step_ms − the three above: the base model's forward and backward on
+                      every WC, the other losses and the optimizer update;
+  mc/variant_ms       host time to sample the step's layouts (numpy, every step; it
+                      overlaps the device work of the previous step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax.data.variants import EVAL, VariantSpec, curriculum_target, sample_layouts, variant_capacity
+from mcjax.megacontext import losses as L
+from mcjax.megacontext.layout import entry_count, render
+from mcjax.model.megacontext import MegaContextModel
+from mcjax.telemetry.deltas import label_table, write_labels
+from mcjax.train.flops import flops_per_token
+from mcjax.train.mc_step import MCForward, jit_mc_train_step, make_mc_eval_step, make_mc_probe, make_mc_train_step
+from mcjax.train.sharding import batch_sharding, global_batch, replicated
+from mcjax.train.state import TrainState
+
+
+def _timed(fn, *args, reps: int = 3) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@dataclasses.dataclass
+class Batch:
+    """One step's host arrays: tokens int32 [A, b, T+1], layouts int8 [A, b, M, N1] (b: this
+    process's sequences per micro-step), the curriculum target and the variants' WC width."""
+
+    tokens: np.ndarray
+    layouts: np.ndarray
+    target: int
+    variant_capacity: int
+
+
+class MCRunner:
+    def __init__(self, cfg, model: MegaContextModel, tx, shardings: TrainState, mesh, *, local_batch: int):
+        self.cfg, self.mesh = cfg, mesh
+        self.spec = VariantSpec.from_config(cfg)
+        mc = cfg.megacontext
+        self.eval_spec = dataclasses.replace(self.spec, num_variants=1)
+        self.eval_target = int(round((mc.eval_wc_length or mc.train_wc_length) * cfg.dataset.context_tokens))
+        self.local_batch = local_batch
+        self.fw = MCForward(model, cfg)
+        sh1, sh0 = batch_sharding(mesh, leading=1), batch_sharding(mesh, leading=0)
+        self.sh1, self.sh0 = sh1, sh0
+        self.step_fn = jit_mc_train_step(make_mc_train_step(model, tx, cfg), shardings, sh1, sh1, mesh)
+        rep = replicated(mesh)
+        self.eval_fn = jax.jit(
+            make_mc_eval_step(model, cfg), in_shardings=(shardings.params, sh0, sh0, rep), out_shardings=rep, static_argnums=4
+        )
+        self.probe_fn = jax.jit(
+            make_mc_probe(model, cfg), in_shardings=(shardings.params, shardings.stats, sh0, sh0), out_shardings=rep, static_argnums=4
+        )
+        d, m = cfg.dataset, cfg.base_model
+        self._fpt = lambda seq: flops_per_token(m.depth, cfg.model_dim, d.vocab_size, seq)
+        self.last: Batch | None = None
+
+    # ------------------------------------------------------------------ training
+    def sample(self, tokens: np.ndarray, step: int) -> tuple[Batch, float]:
+        """Layouts for this process's rows at `step`. tokens [A, b, T+1] -> (Batch, host ms)."""
+        t0 = time.perf_counter()
+        a, b = tokens.shape[:2]
+        rows = jax.process_index() * self.local_batch + np.arange(a * b)
+        target = curriculum_target(step, self.cfg.total_steps, self.cfg)
+        lay = sample_layouts(self.spec, target, seed=self.cfg.training.seed, step=step, rows=rows)
+        batch = Batch(tokens, lay.reshape(a, b, *lay.shape[1:]), target, variant_capacity(target, self.spec))
+        return batch, (time.perf_counter() - t0) * 1e3
+
+    def train_step(self, state: TrainState, tokens: np.ndarray, step: int):
+        """One optimizer step on this process's tokens [A, b, T+1]. -> (state, device metrics, host metrics)."""
+        batch, ms = self.sample(tokens, step)
+        state, metrics = self.step_fn(
+            state, global_batch(batch.tokens, self.sh1), global_batch(batch.layouts, self.sh1), batch.variant_capacity
+        )
+        self.last = batch
+        host = {
+            "mc/variant_ms": ms,
+            "mc/target_length": float(batch.target),
+            "mc/variant_capacity": float(batch.variant_capacity),
+            "mc/variants_mean": float(self.spec.num_variants),
+            "mc/grad_accum_steps": float(tokens.shape[0]),
+            "train/horizon_length": float(self.cfg.dataset.horizon),
+            "mc/flops_per_input_token": self.flops_per_input_token(batch),
+        }
+        return state, metrics, host
+
+    def flops_per_input_token(self, batch: Batch) -> float:
+        """Base-model training FLOPs over the real (unpadded) entries of every WC of the batch,
+        per input token (attention counted at each WC's width)."""
+        k, w = self.spec.block_size, self.spec.capacity
+        lay = batch.layouts.reshape(-1, *batch.layouts.shape[-2:])
+        total = 0.0
+        for seq in lay:
+            total += entry_count(seq[0], k) * self._fpt(w)
+            total += sum(entry_count(v, k) for v in seq[1:]) * self._fpt(batch.variant_capacity)
+        return total / (lay.shape[0] * self.spec.tokens)
+
+    # ------------------------------------------------------------------ validation
+    def eval_sums(self, params, local: np.ndarray, index: int, token_bytes) -> dict[str, float]:
+        """Sums of one validation batch (baseline + one compressed layout per row)."""
+        rows = (index * jax.process_count() + jax.process_index()) * local.shape[0] + np.arange(local.shape[0])
+        lay = sample_layouts(self.eval_spec, self.eval_target, seed=self.cfg.training.seed, step=0, rows=rows, stream=EVAL)
+        out = self.eval_fn(
+            params, global_batch(local, self.sh0), global_batch(lay, self.sh0), token_bytes,
+            variant_capacity(self.eval_target, self.eval_spec),
+        )
+        return {k: float(v) for k, v in jax.device_get(out).items()}
+
+    @staticmethod
+    def val_metrics(s: dict[str, float]) -> dict[str, float]:
+        ln2 = float(np.log(2))
+        out = {
+            "val/loss": s["base/nll_sum"] / s["base/entries"],
+            "val/bpb": s["base/text_nll_sum"] / (ln2 * max(s["base/bytes"], 1.0)),
+            "val/horizon_loss": s["base/horizon_nll_sum"] / s["base/horizon_tokens"],
+        }
+        if "mc/nll_sum" in s:
+            out.update({
+                "val/mc_loss": s["mc/nll_sum"] / s["mc/entries"],
+                "val/mc_bpb": s["mc/text_nll_sum"] / (ln2 * max(s["mc/bytes"], 1.0)),
+                "val/mc_horizon_loss": s["mc/horizon_nll_sum"] / s["mc/horizon_tokens"],
+            })
+            out["val/delta_nll"] = out["val/mc_horizon_loss"] - out["val/horizon_loss"]
+        return out
+
+    # ------------------------------------------------------------------ cadence work
+    def dump(self, state: TrainState, step: int, out_dir: Path, run_dir: Path, is_main: bool) -> str | None:
+        """ΔNLL label table of the last batch's first micro-step, and an ASCII LOD dump of its
+        first sequence. Returns the dump text (None without variants)."""
+        batch = self.last
+        if batch is None or self.spec.num_variants == 0:
+            return None
+        tok, lay = batch.tokens[0], batch.layouts[0]
+        probe = jax.device_get(self.probe_fn(
+            state.params, state.stats, global_batch(tok, self.sh0), global_batch(lay, self.sh0), batch.variant_capacity
+        ))
+        if not is_main:
+            return None
+        table = label_table(probe, step=step, block_size=self.spec.block_size, target_length=batch.target)
+        write_labels(table, Path(out_dir) / "deltas", self.cfg.run, step)
+        n = self.spec.num_variants
+        lines = [f"step {step}: LOD layouts of sequence 0 ('.' LOD0, '─' LOD1, '═' LOD2; one char per block)"]
+        lines.append(f"  baseline  {render(lay[0, 0])}  {entry_count(lay[0, 0], self.spec.block_size):5d} entries")
+        for v in range(n):
+            count = entry_count(lay[0, v + 1], self.spec.block_size)
+            lines.append(f"  variant {v + 1} {render(lay[0, v + 1])}  {count:5d} entries  ΔNLL {probe['delta'][0, v]:+.3f}")
+        text = "\n".join(lines)
+        with open(Path(run_dir) / "lod_dumps.txt", "a") as f:
+            f.write(text + "\n")
+        return text
+
+    def profile(self, state: TrainState, tokens: np.ndarray, step: int):
+        """One real training step timed between synchronisations, plus the controller parts
+        jitted alone (see the module doc). -> (state, device metrics, host metrics)."""
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state, metrics, host = self.train_step(state, tokens, step)
+        jax.block_until_ready((state, metrics))
+        step_ms = (time.perf_counter() - t0) * 1e3
+        parts = self.part_times(state.params, self.last)
+        host.update({f"mc/{k}": v for k, v in parts.items()})
+        host["mc/step_ms"] = step_ms
+        host["mc/other_ms"] = step_ms - sum(parts.values())
+        return state, metrics, host
+
+    def part_times(self, params, batch: Batch) -> dict[str, float]:
+        """build_ms, variant_pack_ms, lens_ms of one step (forward + backward of each part alone)."""
+        fw, a = self.fw, batch.tokens.shape[0]
+        tok = global_batch(batch.tokens[0], self.sh0)
+        lay = global_batch(batch.layouts[0], self.sh0)
+        cap, wv = fw.capacity, batch.variant_capacity
+
+        def sq(tree):
+            return sum(jnp.vdot(x, x).real.astype(jnp.float32) for x in jax.tree.leaves(tree))
+
+        build = jax.jit(jax.grad(lambda p, tok: sq(fw.tree(p, tok))))
+        tree = jax.jit(fw.tree)(params, tok)
+
+        def wcs(tree, lay):
+            base = fw.assemble(tree, lay[:, :1], cap)
+            var = fw.assemble(tree, lay[:, 1:], wv) if wv else None
+            return base, var
+
+        pack = jax.jit(jax.grad(lambda tree, lay: sq([w.emb for w in wcs(tree, lay) if w is not None])))
+        base, var = jax.jit(wcs)(tree, lay)
+        b, m = lay.shape[:2]
+
+        def lens_loss(p, base, var, lay):
+            u = [jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(base, fw.scores(p, base), lay[:, 0], fw.k)[:, None]]
+            if var is not None:
+                lv = lay[:, 1:].reshape(b * (m - 1), -1)
+                u.append(jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(var, fw.scores(p, var), lv, fw.k).reshape(b, m - 1, -1))
+            costs = jax.vmap(L.layout_costs)(jnp.concatenate(u, axis=1), lay)
+            return L.preference_loss(costs, jnp.zeros_like(costs), 0.0, 1.0, 1.0)
+
+        lens = jax.jit(jax.grad(lens_loss))
+        return {
+            "build_ms": a * _timed(build, params, tok),
+            "variant_pack_ms": a * _timed(pack, tree, lay),
+            "lens_ms": a * _timed(lens, params, base, var, lay),
+        }

@@ -1,0 +1,316 @@
+"""The MegaContext train and eval steps: base model, GistNet and LensNet in one jitted program.
+
+A batch is `tokens int [A, B, T+1]` (A accumulation micro-steps of B sequences, one
+lookahead token each) and `layouts int8 [A, B, M, N1]` (M = 1 + N: the recency
+baseline, then N random variants, sampled on the host by `data/variants.py`). Per
+micro-step, on the device:
+
+1. embed the T tokens; GistNet builds LOD1/LOD2 in one batched call per level;
+2. assemble the baseline WCs `[B, W_max]` and the variant WCs `[B·N, W_v]` (W_v: a
+   static width from the host, see `variants.variant_capacity`);
+3. the GPT runs on every WC (positions and spans from the WC: Gaussian RoPE); every entry
+   predicts the token right after its span (targets up to index T: the lookahead), so
+   no entry is ever trained on a token it contains;
+4. losses: the mean over WCs of each WC's mean entry NLL (GPT and GistNet learn through
+   it); gist-delta penalty `gist_delta_weight · relu(ΔNLL)`; optional KL of the variants'
+   horizon distributions to the baseline's (`gist_kl_weight`); LensNet's Bradley–Terry
+   preference loss (`losses.py`, `lens_loss_weight`). LensNet reads the WCs with their
+   embeddings under stop-gradient: its loss trains LensNet only.
+5. one optax update of all three nets; the running ΔNLL statistics that normalise
+   LensNet's labels fold in this step's ΔNLLs.
+
+Metrics come back as one pytree of scalars (names as in the telemetry spec).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mcjax.megacontext import losses as L
+from mcjax.megacontext.layout import WorkingContext, assemble
+from mcjax.megacontext.tree import build_tree
+from mcjax.model.gpt import GPT
+from mcjax.model.megacontext import MegaContextModel
+from mcjax.model.xent import softcap_logits, token_nll
+from mcjax.train.optim import lr_multiplier
+from mcjax.train.state import TrainState
+
+
+def initial_stats() -> dict:
+    """TrainState.stats of a MegaContext run: the running ΔNLL moments (losses.ema_update)."""
+    return {"delta_ema": L.empty_ema()}
+
+
+def _flat(wc: WorkingContext) -> WorkingContext:
+    """[B, N, W, ...] -> [B·N, W, ...]."""
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), wc)
+
+
+class MCForward:
+    """The device-side pieces of a MegaContext step for one config (pure functions of params)."""
+
+    def __init__(self, model: MegaContextModel, cfg):
+        self.gpt, self.gist, self.lens = model.gpt, model.gistnet, model.lensnet
+        self.cfg = cfg
+        self.k = cfg.dataset.block_size
+        self.horizon = cfg.dataset.horizon
+        self.capacity = cfg.wc_capacity
+        t = cfg.dataset.context_tokens
+        self.max_lod = cfg.megacontext.max_lod if t >= self.k * self.k else 1  # LOD2 needs a whole superblock
+        self.gaussian = cfg.megacontext.rope == "gaussian"
+
+    def tree(self, params, tokens):
+        """tokens int [B, T+1] -> the LOD tree of the first T tokens."""
+        t = tokens.shape[1] - 1
+        emb = self.gpt.apply({"params": params["gpt"]}, tokens[:, :t], method=GPT.embed)
+        gist = lambda x, mask=None: self.gist.apply({"params": params["gistnet"]}, x, mask)  # noqa: E731
+        return build_tree(gist, emb, self.k, self.max_lod)
+
+    def assemble(self, tree, layouts, capacity: int) -> WorkingContext:
+        """layouts int8 [B, M, N1] -> WCs [B·M, capacity] (sequence-major)."""
+        one = lambda lod, l0, l1, l2: assemble(lod, l0, l1, l2, capacity)  # noqa: E731
+        per_seq = jax.vmap(one, in_axes=(0, None, None, None))
+        return _flat(jax.vmap(per_seq)(layouts, tree.lod0, tree.lod1, tree.lod2))
+
+    def entry_nll(self, params, wc: WorkingContext, tokens):
+        """GPT on WCs [R, W]; tokens int [R, T+1]. -> (nll f32 [R, W] (0 on padding), hidden [R, W, D])."""
+        m = self.cfg.base_model
+        hidden = self.gpt.apply(
+            {"params": params["gpt"]},
+            embeddings=wc.emb,
+            positions=wc.pos,
+            spans=wc.span if self.gaussian else None,
+        )
+        head = self.gpt.apply({"params": params["gpt"]}, method=GPT.head)
+        targets = jnp.take_along_axis(tokens, wc.target, axis=1)
+        r, w, d = hidden.shape
+        nll = token_nll(
+            hidden.reshape(r * w, d), head, targets.reshape(-1),
+            softcap=self.gpt.softcap, chunk_tokens=m.loss_chunk_tokens, mode=m.loss_impl,
+        ).reshape(r, w)
+        return jnp.where(wc.valid, nll, 0.0), hidden
+
+    def scores(self, params, wc: WorkingContext):
+        """LensNet on WCs [R, W] with their embeddings under stop-gradient. -> f32 [R, W]."""
+        wc = wc._replace(emb=jax.lax.stop_gradient(wc.emb))
+        return self.lens.apply({"params": params["lensnet"]}, wc)
+
+    def horizon_logprobs(self, params, hidden, wc: WorkingContext):
+        """Log-probabilities of the H horizon entries, f32 [R, H, V] (they are the last H valid entries)."""
+        n = wc.valid.sum(-1)
+        idx = n[:, None] - self.horizon + jnp.arange(self.horizon)
+        h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+        head = self.gpt.apply({"params": params["gpt"]}, method=GPT.head)
+        return jax.nn.log_softmax(softcap_logits(h, head, self.gpt.softcap), axis=-1)
+
+
+def _per_wc_mean(nll, valid):
+    return nll.sum(-1) / jnp.maximum(valid.sum(-1), 1)
+
+
+def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: int, details: bool = False):
+    """Loss and metrics of one micro-batch. tokens int [B, T+1]; layouts int8 [B, M, N1].
+
+    Returns (loss, (metrics dict of f32 scalars, variant ΔNLLs f32 [B, N])); with
+    `details`, the aux also holds the variants' per-entry arrays [B·N, W_v] (lod, pos,
+    span, valid, nll, entry_delta, score) for ΔNLL label tables and LOD dumps.
+    """
+    mc = fw.cfg.megacontext
+    b, t1 = tokens.shape
+    t, m = t1 - 1, layouts.shape[1]
+    n = m - 1
+    tree = fw.tree(params, tokens)
+
+    base = fw.assemble(tree, layouts[:, :1], fw.capacity)  # [B, W]
+    nll_b, hid_b = fw.entry_nll(params, base, tokens)
+    hor_b = (nll_b * L.horizon_mask(base, t, fw.horizon)).sum(-1) / fw.horizon  # [B]
+    wc_means = [_per_wc_mean(nll_b, base.valid)]
+    s_b = fw.scores(params, base)
+    u = [jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(base, s_b, layouts[:, 0], fw.k)[:, None]]
+    lod_sums = [(nll_b, base.lod, base.valid)]
+    score_sets = [(s_b, base.valid)]
+    util = [base.valid.sum(-1) / fw.capacity]
+    loss_extra = jnp.zeros((), jnp.float32)
+    metrics = {}
+
+    if n:
+        var = fw.assemble(tree, layouts[:, 1:], variant_capacity)  # [B·N, W_v]
+        tok_v = jnp.repeat(tokens, n, axis=0)
+        nll_v, hid_v = fw.entry_nll(params, var, tok_v)
+        hor_v = ((nll_v * L.horizon_mask(var, t, fw.horizon)).sum(-1) / fw.horizon).reshape(b, n)
+        delta = hor_v - jax.lax.stop_gradient(hor_b)[:, None]  # ΔNLL [B, N]
+        wc_means.append(_per_wc_mean(nll_v, var.valid))
+        lod_sums.append((nll_v, var.lod, var.valid))
+        util.append(var.valid.sum(-1) / fw.capacity)
+        if mc.gist_delta_weight:
+            loss_extra += mc.gist_delta_weight * jax.nn.relu(delta).mean()
+        if mc.gist_kl_weight:
+            teacher = jax.lax.stop_gradient(fw.horizon_logprobs(params, hid_b, base))  # [B, H, V]
+            student = fw.horizon_logprobs(params, hid_v, var).reshape((b, n) + teacher.shape[1:])
+            kl = (jnp.exp(teacher)[:, None] * (teacher[:, None] - student)).sum(-1).mean()
+            loss_extra += mc.gist_kl_weight * kl
+            metrics["mc/gist_kl"] = kl
+        s_v = fw.scores(params, var)
+        score_sets.append((s_v, var.valid))
+        lay_v = layouts[:, 1:].reshape(b * n, -1)
+        u.append(jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(var, s_v, lay_v, fw.k).reshape(b, n, -1))
+
+        # Per-entry ΔNLL: a variant entry against the baseline entry with the same target token.
+        rows = jnp.arange(b)[:, None]
+        by_target = jnp.zeros((b, t1), jnp.float32).at[rows, base.target].add(jnp.where(base.valid, nll_b, 0.0))
+        has = jnp.zeros((b, t1), bool).at[rows, base.target].max(base.valid)
+        seq = jnp.repeat(jnp.arange(b), n)[:, None]
+        entry_delta = jax.lax.stop_gradient(nll_v - by_target[seq, var.target])
+        comparable = var.valid & has[seq, var.target]
+        for level in range(1, fw.max_lod + 1):
+            metrics[f"mc/lod_delta/{level}"] = L.masked_mean(entry_delta, comparable & (var.lod == level))
+        gists = comparable & (var.lod > 0)
+        metrics["mc/pref_span_corr"] = L.pearson(s_v.reshape(-1), entry_delta.reshape(-1), gists.reshape(-1))
+
+        d = jax.lax.stop_gradient(delta)
+        for name in ("train/delta_nll", "mc/adv_delta"):
+            metrics[f"{name}_mean"] = d.mean()
+            metrics[f"{name}_p95"] = jnp.percentile(d, 95)
+        metrics["mc/adv_delta_std"] = d.std()
+        metrics["mc/horizon_loss_variants"] = jax.lax.stop_gradient(hor_v).mean()
+        metrics["mc/variant_entries_mean"] = var.valid.sum(-1).mean().astype(jnp.float32)
+        if details:
+            metrics["details"] = {
+                "lod": var.lod, "pos": var.pos, "span": var.span, "valid": var.valid,
+                "nll": jax.lax.stop_gradient(nll_v), "entry_delta": entry_delta,
+                "comparable": comparable, "score": jax.lax.stop_gradient(s_v),
+            }
+    else:
+        delta = jnp.zeros((b, 0), jnp.float32)
+
+    costs = jax.vmap(L.layout_costs)(jnp.concatenate(u, axis=1), layouts)  # [B, M]
+    deltas = jnp.concatenate([jnp.zeros((b, 1)), jax.lax.stop_gradient(delta)], axis=1)
+    lens_loss = L.preference_loss(costs, deltas, *moments, mc.lens_temperature)
+    lm_loss = jnp.concatenate(wc_means).mean()
+    loss = lm_loss + loss_extra + mc.lens_loss_weight * lens_loss
+
+    def lod_loss(level):
+        total = sum((jnp.where(lod == level, x, 0.0)).sum() for x, lod, _ in lod_sums)
+        count = sum(((lod == level) & v).sum() for _, lod, v in lod_sums)
+        return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+
+    if m > 1:
+        corr = L.pearson(jax.lax.stop_gradient(costs), deltas, jnp.ones_like(deltas, bool))
+        metrics["mc/preference_corr_mean"] = jnp.nanmean(corr)
+        metrics["mc/preference_corr_max"] = jnp.nanmax(corr)
+    abs_sum = sum(jnp.where(v, jnp.abs(s), 0.0).sum() for s, v in score_sets)
+    metrics.update({
+        "train/loss": jax.lax.stop_gradient(lm_loss),
+        "mc/total_loss": jax.lax.stop_gradient(loss),
+        "mc/lens_loss": jax.lax.stop_gradient(lens_loss),
+        "mc/horizon_loss_baseline": jax.lax.stop_gradient(hor_b).mean(),
+        "mc/policy_score_abs_mean": abs_sum / sum(v.sum() for _, v in score_sets),
+        "mc/policy_score_std_mean": jnp.concatenate([
+            jnp.sqrt(L.masked_mean(jnp.square(s - L.masked_mean(s, v, -1)[:, None]), v, -1)) for s, v in score_sets
+        ]).mean(),
+        "runtime/token_budget_utilization": jnp.concatenate(util).mean(),
+        **{f"mc/lod_loss/{level}": jax.lax.stop_gradient(lod_loss(level)) for level in range(fw.max_lod + 1)},
+    })
+    return loss, (metrics, jax.lax.stop_gradient(delta))
+
+
+def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation, cfg):
+    """(state, tokens [A, B, T+1], layouts [A, B, M, N1], variant_capacity) -> (state, metrics).
+
+    Pure; `jit_mc_train_step` jits it with variant_capacity static.
+    """
+    fw = MCForward(model, cfg)
+    t, mc = cfg.training, cfg.megacontext
+    total = cfg.total_steps
+
+    def train_step(state: TrainState, tokens, layouts, variant_capacity: int):
+        moments = L.ema_moments(state.stats["delta_ema"], mc.advantage_ema)
+        grad_fn = jax.value_and_grad(lambda p, tok, lay: mc_loss(fw, p, tok, lay, moments, variant_capacity), has_aux=True)
+
+        def micro(acc, xs):
+            (_, (metrics, delta)), grads = grad_fn(state.params, *xs)
+            return jax.tree.map(jnp.add, acc, grads), (metrics, delta)
+
+        if tokens.shape[0] == 1:
+            (_, (metrics, delta)), grads = grad_fn(state.params, tokens[0], layouts[0])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, (metrics, delta) = jax.lax.scan(micro, zeros, (tokens, layouts))
+            grads = jax.tree.map(lambda g: g / tokens.shape[0], grads)
+            metrics = jax.tree.map(jnp.nanmean, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        stats = dict(state.stats)
+        if delta.size:
+            stats["delta_ema"] = L.ema_update(state.stats["delta_ema"], delta.reshape(-1), mc.advantage_ema)
+        grad_norms = {f"mc/grad_norm/{k}": optax.tree.norm(g) for k, g in grads.items()}
+        metrics = {
+            **metrics,
+            **grad_norms,
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=stats), metrics
+
+    return train_step
+
+
+def jit_mc_train_step(train_step, shardings: TrainState, token_sharding, layout_sharding, mesh):
+    """One jit with explicit in/out shardings, the state donated and the variant width static."""
+    from mcjax.train.sharding import replicated
+
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, token_sharding, layout_sharding),
+        out_shardings=(shardings, replicated(mesh)),
+        static_argnums=3,
+        donate_argnums=0,
+    )
+
+
+def make_mc_eval_step(model: MegaContextModel, cfg):
+    """(params, tokens [B, T+1], layouts [B, M, N1], token_bytes int [V], variant_capacity)
+    -> sums for the baseline ("base/…") and the variants ("mc/…"): NLL, entries, text NLL,
+    bytes of the targets, and horizon NLL (for ΔNLL)."""
+    fw = MCForward(model, cfg)
+
+    def eval_step(params, tokens, layouts, token_bytes, variant_capacity: int):
+        b, t1 = tokens.shape
+        n = layouts.shape[1] - 1
+        tree = fw.tree(params, tokens)
+        out = {}
+        parts = [("base", layouts[:, :1], fw.capacity, tokens)]
+        if n:
+            parts.append(("mc", layouts[:, 1:], variant_capacity, jnp.repeat(tokens, n, axis=0)))
+        for name, lay, cap, tok in parts:
+            wc = fw.assemble(tree, lay, cap)
+            nll, _ = fw.entry_nll(params, wc, tok)
+            nbytes = jnp.where(wc.valid, token_bytes[jnp.take_along_axis(tok, wc.target, axis=1)], 0)
+            out.update({
+                f"{name}/nll_sum": nll.sum(),
+                f"{name}/entries": wc.valid.sum().astype(jnp.float32),
+                f"{name}/text_nll_sum": jnp.where(nbytes > 0, nll, 0.0).sum(),
+                f"{name}/bytes": nbytes.sum().astype(jnp.float32),
+                f"{name}/horizon_nll_sum": (nll * L.horizon_mask(wc, t1 - 1, fw.horizon)).sum(),
+                f"{name}/horizon_tokens": jnp.asarray(nll.shape[0] * fw.horizon, jnp.float32),
+            })
+        return out
+
+    return eval_step
+
+
+def make_mc_probe(model: MegaContextModel, cfg):
+    """(params, stats, tokens [B, T+1], layouts [B, M, N1], variant_capacity) -> per-variant
+    ΔNLL [B, N] and the variants' per-entry arrays [B·N, W_v] (forward only; for the ΔNLL
+    label tables and LOD dumps written on a cadence)."""
+    fw = MCForward(model, cfg)
+    decay = cfg.megacontext.advantage_ema
+
+    def probe(params, stats, tokens, layouts, variant_capacity: int):
+        moments = L.ema_moments(stats["delta_ema"], decay)
+        _, (metrics, delta) = mc_loss(fw, params, tokens, layouts, moments, variant_capacity, details=True)
+        return {"delta": delta, **metrics["details"]}
+
+    return probe
