@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mcjax.megacontext.allocator import unit_scores
 from mcjax.megacontext.layout import WorkingContext
 
 
@@ -47,18 +48,13 @@ def block_scores(wc: WorkingContext, scores: jnp.ndarray, block_lod: jnp.ndarray
     """u(b): per-block compression scores of one WC. scores f32 [W]; block_lod int [N1] -> f32 [N1].
 
     The score of b's gist when b is compressed (LOD1: its own; LOD2: its superblock's),
-    else the mean of its K token scores.
+    else the mean of its K token scores — the focus allocator's unit scores, per block.
     """
     n1 = block_lod.shape[-1]
-    s = jnp.where(wc.valid, scores, 0.0)
-    block = jnp.where(wc.valid, wc.pos // k, 0)  # a LOD2 gist lands on its superblock's first block
-
-    def per_block(level):
-        return jax.ops.segment_sum(jnp.where(wc.lod == level, s, 0.0), block, num_segments=n1)
-
-    first_of_super = (jnp.arange(n1) // k) * k
+    us = unit_scores(wc, scores, n1, k)
     lod = block_lod.astype(jnp.int32)
-    return jnp.where(lod == 0, per_block(0) / k, jnp.where(lod == 1, per_block(1), per_block(2)[first_of_super]))
+    sup = jnp.minimum(n1 + jnp.arange(n1) // k, us.expand.shape[0] - 1)  # LOD2 only on whole superblocks
+    return jnp.where(lod == 0, -us.collapse[:n1], jnp.where(lod == 1, us.expand[:n1], us.expand[sup]))
 
 
 def layout_costs(u: jnp.ndarray, block_lod: jnp.ndarray) -> jnp.ndarray:

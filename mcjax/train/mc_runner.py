@@ -211,14 +211,9 @@ class MCRunner:
 
         pack = jax.jit(jax.grad(lambda tree, lay: sq([w.emb for w in wcs(tree, lay) if w is not None])))
         base, var = jax.jit(wcs)(tree, lay)
-        b, m = lay.shape[:2]
-
         def lens_loss(p, base, var, lay):
-            u = [jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(base, fw.scores(p, base), lay[:, 0], fw.k)[:, None]]
-            if var is not None:
-                lv = lay[:, 1:].reshape(b * (m - 1), -1)
-                u.append(jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(var, fw.scores(p, var), lv, fw.k).reshape(b, m - 1, -1))
-            costs = jax.vmap(L.layout_costs)(jnp.concatenate(u, axis=1), lay)
+            s_var = None if var is None else fw.scores(p, var)
+            costs = fw.layout_costs(lay, base, fw.scores(p, base), var, s_var)
             return L.preference_loss(costs, jnp.zeros_like(costs), 0.0, 1.0, 1.0)
 
         lens = jax.jit(jax.grad(lens_loss))

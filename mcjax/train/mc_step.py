@@ -97,6 +97,17 @@ class MCForward:
         wc = wc._replace(emb=jax.lax.stop_gradient(wc.emb))
         return self.lens.apply({"params": params["lensnet"]}, wc)
 
+    def layout_costs(self, layouts, base, s_base, var=None, s_var=None):
+        """LensNet's cost c_l of each layout (losses.py). layouts int8 [B, M, N1]; base WCs
+        [B, W] and their scores; variant WCs [B·N, W_v] and scores (None without variants).
+        -> f32 [B, M]."""
+        b, m, n1 = layouts.shape
+        per_wc = jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))
+        u = [per_wc(base, s_base, layouts[:, 0], self.k)[:, None]]
+        if var is not None:
+            u.append(per_wc(var, s_var, layouts[:, 1:].reshape(-1, n1), self.k).reshape(b, m - 1, n1))
+        return jax.vmap(L.layout_costs)(jnp.concatenate(u, axis=1), layouts)
+
     def horizon_logprobs(self, params, hidden, wc: WorkingContext):
         """Log-probabilities of the H horizon entries, f32 [R, H, V] (they are the last H valid entries)."""
         n = wc.valid.sum(-1)
@@ -128,7 +139,7 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
     hor_b = (nll_b * L.horizon_mask(base, t, fw.horizon)).sum(-1) / fw.horizon  # [B]
     wc_means = [_per_wc_mean(nll_b, base.valid)]
     s_b = fw.scores(params, base)
-    u = [jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(base, s_b, layouts[:, 0], fw.k)[:, None]]
+    var = s_v = None
     lod_sums = [(nll_b, base.lod, base.valid)]
     score_sets = [(s_b, base.valid)]
     util = [base.valid.sum(-1) / fw.capacity]
@@ -154,8 +165,6 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
             metrics["mc/gist_kl"] = kl
         s_v = fw.scores(params, var)
         score_sets.append((s_v, var.valid))
-        lay_v = layouts[:, 1:].reshape(b * n, -1)
-        u.append(jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(var, s_v, lay_v, fw.k).reshape(b, n, -1))
 
         # Per-entry ΔNLL: a variant entry against the baseline entry with the same target token.
         rows = jnp.arange(b)[:, None]
@@ -185,7 +194,7 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
     else:
         delta = jnp.zeros((b, 0), jnp.float32)
 
-    costs = jax.vmap(L.layout_costs)(jnp.concatenate(u, axis=1), layouts)  # [B, M]
+    costs = fw.layout_costs(layouts, base, s_b, var, s_v)  # [B, M]
     deltas = jnp.concatenate([jnp.zeros((b, 1)), jax.lax.stop_gradient(delta)], axis=1)
     lens_loss = L.preference_loss(costs, deltas, *moments, mc.lens_temperature)
     lm_loss = jnp.concatenate(wc_means).mean()
