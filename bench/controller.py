@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -31,6 +29,7 @@ from mcjax.megacontext.tree import build_tree
 from mcjax.model.gistnet import build_gistnet
 from mcjax.model.gpt import GPT, build_gpt
 from mcjax.model.lensnet import build_lensnet
+from mcjax.train.mc_runner import timed_ms
 
 
 def random_layout(rng: np.random.Generator, n1: int, k: int, capacity: int, recent_tokens: int) -> np.ndarray:
@@ -46,18 +45,6 @@ def random_layout(rng: np.random.Generator, n1: int, k: int, capacity: int, rece
         lod[zeros.pop()] = 1
     check_layout(lod, k, capacity=capacity, recent_tokens=recent_tokens)
     return lod
-
-
-def timed(fn, *args, steps: int, warmup: int = 3) -> float:
-    """Median milliseconds of `fn(*args)` (synchronised) after warm-up."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None) -> dict:
@@ -123,11 +110,11 @@ def main(argv=None) -> dict:
         "lensnet": f"{lens.layers}L/{lens.dim}d",
         "allocator_iterations": alloc.iterations,
         "dtype": str(jnp.dtype(gist.dtype)),
-        "total_ms": timed(jax.jit(controller), gpt_p, gist_p, lens_p, tokens, layouts, steps=args.steps),
-        "tree_ms": timed(jax.jit(tree_of), gist_p, emb0, steps=args.steps),
-        "assembly_ms": timed(jax.jit(wcs_of), tree0, layouts, steps=args.steps),
-        "lensnet_ms": timed(jax.jit(lens.apply), lens_p, wc0, steps=args.steps),
-        "allocator_ms": timed(jax.jit(alloc_of), layouts, wc0, scores0, steps=args.steps),
+        "total_ms": timed_ms(jax.jit(controller), gpt_p, gist_p, lens_p, tokens, layouts, reps=args.steps, warmup=3),
+        "tree_ms": timed_ms(jax.jit(tree_of), gist_p, emb0, reps=args.steps, warmup=3),
+        "assembly_ms": timed_ms(jax.jit(wcs_of), tree0, layouts, reps=args.steps, warmup=3),
+        "lensnet_ms": timed_ms(jax.jit(lens.apply), lens_p, wc0, reps=args.steps, warmup=3),
+        "allocator_ms": timed_ms(jax.jit(alloc_of), layouts, wc0, scores0, reps=args.steps, warmup=3),
     }
     result = {k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in result.items()}
     print(json.dumps(result))

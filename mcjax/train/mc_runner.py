@@ -39,8 +39,10 @@ from mcjax.train.sharding import batch_sharding, global_batch, replicated
 from mcjax.train.state import TrainState
 
 
-def _timed(fn, *args, reps: int = 3) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
+def timed_ms(fn, *args, reps: int = 3, warmup: int = 1) -> float:
+    """Median milliseconds of `fn(*args)`, synchronised, after `warmup` calls (compile included)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -218,7 +220,7 @@ class MCRunner:
 
         lens = jax.jit(jax.grad(lens_loss))
         return {
-            "build_ms": a * _timed(build, params, tok),
-            "variant_pack_ms": a * _timed(pack, tree, lay),
-            "lens_ms": a * _timed(lens, params, base, var, lay),
+            "build_ms": a * timed_ms(build, params, tok),
+            "variant_pack_ms": a * timed_ms(pack, tree, lay),
+            "lens_ms": a * timed_ms(lens, params, base, var, lay),
         }
