@@ -1,14 +1,16 @@
 """`mcjax bench`: the plain GPT step and the MegaContext step of one config, side by side.
 
 Both run in this process on random tokens (speed does not depend on the text), at the
-same batch of B sequences of T tokens, after warm-up, each step synchronised:
+same batch of B sequences of T tokens, after warm-up; steps are timed in runs of 4
+dispatched back to back between two synchronisations (as training runs them), median
+over the runs:
 
   baseline  the GPT on B × T raw tokens (`train/step.py`);
   mc        the MegaContext step (`train/mc_step.py`): GistNet tree, the recency baseline
             and N variants per sequence at the variant length `--wc-length` × T, the GPT
             on every working context, LensNet and its loss, one update of all three nets.
 
-Reported per mode: step ms (median), input tokens/s (B·T per step), MFU over the
+Reported per mode: step ms, input tokens/s (B·T per step), MFU over the
 base-model FLOPs actually computed (every real WC entry) and per input token, the MC
 controller breakdown (see `mc_runner.py`), and memory: the XLA memory analysis of the
 compiled step (arguments + temporaries + outputs not aliased to inputs) and, where the
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 
 import jax
@@ -31,7 +32,7 @@ from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity
 from mcjax.model.gpt import build_gpt
 from mcjax.model.megacontext import build_megacontext
 from mcjax.train.flops import flops_per_token, mfu, peak_flops
-from mcjax.train.mc_runner import Batch, MCRunner
+from mcjax.train.mc_runner import Batch, MCRunner, timed_ms
 from mcjax.train.mc_step import initial_stats
 from mcjax.train.memory import device_memory
 from mcjax.train.optim import build_optimizer
@@ -49,18 +50,7 @@ def _program_gb(jitted, *args) -> float:
     return total / 1e9
 
 
-def _median_ms(run, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 10, warmup: int = 3) -> dict:
+def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup: int = 3) -> dict:
     """Time both steps of `cfg` at `batch` sequences; returns the results table as a dict."""
     cfg = dataclasses.replace(
         cfg, training=dataclasses.replace(cfg.training, batch_size=batch, micro_batch_size=batch)
@@ -89,9 +79,9 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 10, warmup:
 
     def run_base():
         box["state"], m = step(box["state"], tok)
-        jax.block_until_ready(m)
+        return m
 
-    ms = _median_ms(run_base, steps, warmup)
+    ms = timed_ms(run_base, reps=max(1, steps // 4), warmup=warmup)
     out.update(baseline_step_ms=ms, baseline_tok_per_sec=batch * t / ms * 1e3)
     out["baseline_mfu"] = mfu(out["baseline_tok_per_sec"], fpt, jax.device_count(), peak)
     out["baseline_device_peak_gb"] = device_memory().get("runtime/gpu_memory_peak_gb", float("nan"))
@@ -111,9 +101,9 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 10, warmup:
 
     def run_mc():
         box["state"], m = runner.step_fn(box["state"], tok_g, lay_g, wv)
-        jax.block_until_ready(m)
+        return m
 
-    ms = _median_ms(run_mc, steps, warmup)
+    ms = timed_ms(run_mc, reps=max(1, steps // 4), warmup=warmup)
     mc_batch = Batch(tokens, lay, target, wv)
     fpit = runner.flops_per_input_token(mc_batch)
     t0 = time.perf_counter()

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", cmd_bench, "time the plain GPT step and the MegaContext step side by side")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--wc-length", type=float, default=0.0, help="variant length × context_tokens (default megacontext.train_wc_length)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per mode after 3 warm-up steps (default 10)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per mode after 3 warm-up steps, in runs of 4 (default 12)")
     p.add_argument("--json", default="", help="also write the results here")
     return parser
 

@@ -64,6 +64,7 @@ class GistNetConfig:
     pooling: Literal["mean", "query", "cls"] = "mean"
     head: Literal["linear", "mlp"] = "mlp"
     num_heads: int = 0  # 0 = model_dim // base_model.head_dim
+    attention: Literal["auto", "cudnn", "xla"] = "auto"  # auto: cudnn on GPU in bf16 (not with cls pooling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,7 @@ class LensNetConfig:
     layers: int = 2
     dim: int = 0  # width of LensNet's own transformer; 0 = model_dim
     num_heads: int = 0  # 0 = dim // base_model.head_dim
+    attention: Literal["auto", "cudnn", "xla"] = "auto"  # auto: cudnn on GPU in bf16, xla elsewhere
 
 
 @dataclasses.dataclass(frozen=True)

@@ -175,3 +175,22 @@ def test_build_gistnet_from_config(tmp_path):
     params = jax.eval_shape(net.init, jax.random.key(0), x)
     assert jax.eval_shape(net.apply, params, x).shape == (3, 64)
     assert build_gistnet(config_from_dict(tiny_config(tmp_path, gistnet={"num_heads": 4}))).num_heads == 4
+
+
+def test_attention_choice(tmp_path, data):
+    """"auto" resolves per backend (XLA on CPU); an explicit choice reaches GistNet and
+    LensNet; cls pooling (its CLS key sits after the padding, so no key-length mask can
+    express it) runs XLA attention even when cuDNN is asked for — identical outputs on CPU."""
+    from conftest import tiny_config
+
+    from mcjax.config import config_from_dict
+    from mcjax.model.lensnet import build_lensnet
+
+    cfg = config_from_dict(tiny_config(tmp_path))
+    assert build_gistnet(cfg).attention == "xla" and build_lensnet(cfg).attention == "xla"
+    cfg = config_from_dict(tiny_config(tmp_path, gistnet={"attention": "cudnn"}, lensnet={"attention": "cudnn"}))
+    assert build_gistnet(cfg).attention == "cudnn" and build_lensnet(cfg).attention == "cudnn"
+    x, mask = data
+    xla, cudnn = _net("transformer", "cls", "mlp"), _net("transformer", "cls", "mlp", attention="cudnn")
+    params = _random_params(xla, x, mask)
+    np.testing.assert_array_equal(np.asarray(xla.apply(params, x, mask)), np.asarray(cudnn.apply(params, x, mask)))

@@ -160,6 +160,7 @@ def test_mc_training_cli_writes_every_metric_and_artifact(tmp_path):
         training={"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "eval_every_tokens": 1536},
         checkpoint={"every_tokens": 0, "keep": 1, "async_save": False},
     )
+    raw["telemetry"]["log_every_tokens"] = 3 * 4 * 128  # every 3rd step: the profiled step 2 is not a log step
     path = write_config(tmp_path / "mc.yaml", raw)
     res = run_cli(["train", "--config", str(path)], cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -176,6 +177,7 @@ def test_mc_training_cli_writes_every_metric_and_artifact(tmp_path):
         "mc/variant_pack_ms", "mc/other_ms", "val/loss", "val/bpb", "val/mc_loss", "val/mc_bpb", "val/delta_nll",
     }
     assert required <= names, sorted(required - names)
+    assert [r["step"] for r in rows if "mc/build_ms" in r] == [2], "the timing breakdown of the profiled step was not logged"
     labels = sorted((tmp_path / "artifacts" / "deltas").glob("tiny_*.parquet"))
     assert labels, "no ΔNLL label table written"
     table = pq.read_table(labels[-1])

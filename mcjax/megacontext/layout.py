@@ -82,10 +82,16 @@ def assemble(
     pos = jnp.where(lod == 0, b * k + offset, jnp.where(lod == 1, b * k, (b // k) * k * k))
     span = jnp.where(lod == 0, 1, jnp.where(lod == 1, k, k * k))
 
-    emb = jnp.where((lod == 0)[:, None], lod0[jnp.clip(pos, 0, t - 1)], lod1[b])
+    # One gather from [lod0; lod1; lod2]. A WC shows every tree node at most once and padding
+    # slots point past the table (distinct rows, filled with zeros), so the indices are unique:
+    # the backward pass is a scatter without colliding writes.
+    levels = [lod0, lod1.astype(lod0.dtype)]
     if lod2 is not None and lod2.shape[0] > 0:
-        emb = jnp.where((lod == 2)[:, None], lod2[jnp.clip(b // k, 0, lod2.shape[0] - 1)], emb)
-    emb = jnp.where(valid[:, None], emb, 0).astype(lod0.dtype)
+        levels.append(lod2.astype(lod0.dtype))
+    table = jnp.concatenate(levels)
+    src = jnp.where(lod == 0, pos, jnp.where(lod == 1, t + b, t + n1 + b // k))
+    src = jnp.where(valid, src, table.shape[0] + j)
+    emb = table.at[src].get(mode="fill", fill_value=0, unique_indices=True)
 
     pos = jnp.where(valid, pos, 0)
     span = jnp.where(valid, span, 0)

@@ -8,6 +8,11 @@ shallow).
 
 Params (f32, cast to `dtype`): wq, wk, wv, wo [L, D, D]; w_fc [L, D, 4D]; w_proj [L, 4D, D].
 wo and w_proj start at zero, so a fresh encoder is the identity.
+
+Attention "xla" takes any padding mask; "cudnn" (flash attention on GPU, bf16) needs the
+real entries of every row first and passes the padding as key lengths — true of working
+contexts (assembly packs entries left) and of GistNet blocks (a partly filled block's
+real entries come first). Both give the same outputs (tests/GPU check in bench/mc_profile.py).
 """
 
 from __future__ import annotations
@@ -24,37 +29,43 @@ from mcjax.model.rope import apply_rope
 Dtype = Any
 
 
-def masked_attention(q, k, v, mask):
+def masked_attention(q, k, v, mask, implementation: str = "xla"):
     """Bidirectional attention, padding keys masked. q [B, Tq, N, H]; k, v [B, Tk, N, H];
-    mask bool [B, Tk] (True = real key) -> [B, Tq, N, H]. XLA implementation (runs anywhere)."""
+    mask bool [B, Tk] (True = real key) -> [B, Tq, N, H]. "xla" runs anywhere with any mask;
+    "cudnn" requires each row's real keys to come first (the mask becomes key lengths)."""
+    if implementation == "cudnn":
+        lengths = jnp.maximum(mask.sum(-1, dtype=jnp.int32), 1)  # a row of padding only: its output is discarded
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="xla")
 
 
-def encoder_layer(x, w, cos, sin, mask, num_heads: int):
+def encoder_layer(x, w, cos, sin, mask, num_heads: int, attention: str = "xla"):
     """One pre-norm bidirectional layer. x [B, T, D]; w: the layer's matrices; cos, sin
-    [B, T, H/2]; mask bool [B, T] (True = real entry) -> [B, T, D]."""
+    [B, T, H/2]; mask bool [B, T] (True = real entry); attention "xla" | "cudnn" -> [B, T, D]."""
     b, t, d = x.shape
     hd = d // num_heads
     h = rms_norm(x)
     q = rms_norm(apply_rope((h @ w["wq"]).reshape(b, t, num_heads, hd), cos, sin))
     k = rms_norm(apply_rope((h @ w["wk"]).reshape(b, t, num_heads, hd), cos, sin))
     v = (h @ w["wv"]).reshape(b, t, num_heads, hd)
-    x = x + masked_attention(q, k, v, mask).reshape(b, t, d) @ w["wo"]
+    x = x + masked_attention(q, k, v, mask, attention).reshape(b, t, d) @ w["wo"]
     return x + jnp.square(jax.nn.relu(rms_norm(x) @ w["w_fc"])) @ w["w_proj"]
 
 
 class Encoder(nn.Module):
     """`layers` bidirectional layers. x [B, T, D], mask bool [B, T], cos/sin [B or 1, T, H/2]
-    -> [B, T, D]. Padded entries attend but are never attended to."""
+    -> [B, T, D]. Padded entries attend but are never attended to. With attention "cudnn"
+    the mask must hold each row's real entries first (see the module doc)."""
 
     layers: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # "xla" | "cudnn"
 
     @nn.compact
     def __call__(self, x, mask, cos, sin):
         ws = layer_params(self, x.shape[-1], self.layers, self.dtype)
         x = x.astype(self.dtype)
         for w in split_layers(ws, self.layers):
-            x = encoder_layer(x, w, cos, sin, mask, self.num_heads)
+            x = encoder_layer(x, w, cos, sin, mask, self.num_heads, self.attention)
         return x

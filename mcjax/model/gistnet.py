@@ -126,6 +126,7 @@ class GistNet(nn.Module):
     num_heads: int = 1
     dtype: Dtype = jnp.float32
     rope_base: float = 10000.0
+    attention: str = "xla"  # "xla" | "cudnn" (encoder.py); "cls" pooling always uses "xla"
 
     def check(self) -> None:
         """Raise ValueError for an invalid combination of fields (trace-time, host only)."""
@@ -151,7 +152,9 @@ class GistNet(nn.Module):
             h = jnp.concatenate([h, jnp.broadcast_to(cls.astype(h.dtype), (rows, 1, d))], axis=1)
             mask = jnp.concatenate([mask, jnp.ones((rows, 1), bool)], axis=1)
         cos, sin = rope_angles(jnp.arange(h.shape[1])[None, :], d // self.num_heads, self.rope_base)
-        return Encoder(self.layers, self.num_heads, self.dtype, name="encoder")(h, mask, cos, sin), mask
+        # The CLS entry sits after any padding, so its mask is no prefix: cuDNN's key lengths cannot express it.
+        attention = "xla" if self.pooling == "cls" else self.attention
+        return Encoder(self.layers, self.num_heads, self.dtype, attention, name="encoder")(h, mask, cos, sin), mask
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -191,4 +194,5 @@ def build_gistnet(cfg) -> GistNet:
         num_heads=g.num_heads or max(1, cfg.model_dim // m.head_dim),
         dtype=resolve(m.dtype, m.attention).dtype,
         rope_base=m.rope_base,
+        attention=resolve(m.dtype, g.attention).attention,
     )

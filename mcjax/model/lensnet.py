@@ -45,6 +45,7 @@ class LensNet(nn.Module):
     rope: str = "gaussian"  # "gaussian" | "simple"
     rope_base: float = 10000.0
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # "xla" | "cudnn" (encoder.py; WC entries are packed left, padding last)
 
     @nn.compact
     def __call__(self, wc: WorkingContext) -> jnp.ndarray:
@@ -59,7 +60,7 @@ class LensNet(nn.Module):
         x = x + lod_emb[wc.lod].astype(self.dtype) + (entry_features(wc) @ w_feat).astype(self.dtype)
         spans = wc.span if self.rope == "gaussian" else None
         cos, sin = rope_angles(wc.pos, d // self.num_heads, self.rope_base, spans)
-        x = Encoder(self.layers, self.num_heads, self.dtype, name="encoder")(x, wc.valid, cos, sin)
+        x = Encoder(self.layers, self.num_heads, self.dtype, self.attention, name="encoder")(x, wc.valid, cos, sin)
         score = jnp.tanh((rms_norm(x) @ w_out.astype(self.dtype))[..., 0].astype(jnp.float32))
         return jnp.where(wc.valid, score, 0.0)
 
@@ -74,4 +75,5 @@ def build_lensnet(cfg) -> LensNet:
         rope=cfg.megacontext.rope,
         rope_base=cfg.base_model.rope_base,
         dtype=resolve(cfg.base_model.dtype, "auto").dtype,
+        attention=resolve(cfg.base_model.dtype, cfg.lensnet.attention).attention,
     )

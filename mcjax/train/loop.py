@@ -189,7 +189,8 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
             else:
                 state, metrics = step_fn(state, global_batch(local, train_sh))
             first = step == start
-            if first or crossed(tokens - tps, tokens, cfg.telemetry.log_every_tokens or tps) or done == total:
+            # a profiled step is always logged: its timing breakdown exists only in this step's host metrics
+            if first or profiled or crossed(tokens - tps, tokens, cfg.telemetry.log_every_tokens or tps) or done == total:
                 metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 row = dict(metrics_host)

@@ -7,7 +7,9 @@ The training loop (`loop.py`) calls `train_step`, `eval_sums`/`val_metrics`, `du
 Timing breakdown (`profile`, device-synchronised, on a cadence): the step is one XLA
 program, so its parts cannot be timed inside it. `mc/step_ms` is one real training step
 between two synchronisations; the controller parts are the same computations jitted alone
-on the same batch, forward + backward, median of 3 runs, times the micro-steps per step:
+on the same batch, forward + backward (differentiated only with respect to what each part
+trains), 4 calls back to back between two synchronisations, median of 3 such runs, times
+the micro-steps per step:
   mc/build_ms         token embedding + GistNet tree (LOD1, LOD2);
   mc/variant_pack_ms  assembly (gather) of the baseline and variant working contexts;
   mc/lens_ms          LensNet on every WC + its preference loss;
@@ -39,15 +41,19 @@ from mcjax.train.sharding import batch_sharding, global_batch, replicated
 from mcjax.train.state import TrainState
 
 
-def timed_ms(fn, *args, reps: int = 3, warmup: int = 1) -> float:
-    """Median milliseconds of `fn(*args)`, synchronised, after `warmup` calls (compile included)."""
+def timed_ms(fn, *args, reps: int = 3, warmup: int = 1, calls: int = 4) -> float:
+    """Milliseconds per call of `fn(*args)`: `calls` calls dispatched back to back between two
+    synchronisations (so the host's dispatch and sync latency is paid once, as in training),
+    median over `reps` such runs, after `warmup` calls (compile included)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times) * 1e3
 
 
@@ -193,9 +199,11 @@ class MCRunner:
         host["mc/other_ms"] = step_ms - sum(parts.values())
         return state, metrics, host
 
-    def part_times(self, params, batch: Batch) -> dict[str, float]:
-        """build_ms, variant_pack_ms, lens_ms of one step (forward + backward of each part alone)."""
-        fw, a = self.fw, batch.tokens.shape[0]
+    def part_programs(self, params, batch: Batch) -> dict[str, tuple]:
+        """The controller parts of one micro-step jitted alone, forward + backward, each
+        differentiated only with respect to what it trains (so no zero gradients are
+        materialised for the rest): {"build_ms" | "variant_pack_ms" | "lens_ms": (fn, args)}."""
+        fw = self.fw
         tok = global_batch(batch.tokens[0], self.sh0)
         lay = global_batch(batch.layouts[0], self.sh0)
         cap, wv = fw.capacity, batch.variant_capacity
@@ -203,7 +211,11 @@ class MCRunner:
         def sq(tree):
             return sum(jnp.vdot(x, x).real.astype(jnp.float32) for x in jax.tree.leaves(tree))
 
-        build = jax.jit(jax.grad(lambda p, tok: sq(fw.tree(p, tok))))
+        def build_loss(trained, params, tok):  # trained: GistNet and the token embedding
+            gpt = {**params["gpt"], "wte": trained["wte"]}
+            return sq(fw.tree({**params, "gpt": gpt, "gistnet": trained["gistnet"]}, tok))
+
+        build = jax.jit(jax.grad(build_loss))
         tree = jax.jit(fw.tree)(params, tok)
 
         def wcs(tree, lay):
@@ -213,14 +225,22 @@ class MCRunner:
 
         pack = jax.jit(jax.grad(lambda tree, lay: sq([w.emb for w in wcs(tree, lay) if w is not None])))
         base, var = jax.jit(wcs)(tree, lay)
-        def lens_loss(p, base, var, lay):
+
+        def lens_loss(lensnet, params, base, var, lay):
+            p = {**params, "lensnet": lensnet}
             s_var = None if var is None else fw.scores(p, var)
             costs = fw.layout_costs(lay, base, fw.scores(p, base), var, s_var)
             return L.preference_loss(costs, jnp.zeros_like(costs), 0.0, 1.0, 1.0)
 
         lens = jax.jit(jax.grad(lens_loss))
+        gist_and_wte = {"gistnet": params["gistnet"], "wte": params["gpt"]["wte"]}
         return {
-            "build_ms": a * timed_ms(build, params, tok),
-            "variant_pack_ms": a * timed_ms(pack, tree, lay),
-            "lens_ms": a * timed_ms(lens, params, base, var, lay),
+            "build_ms": (build, (gist_and_wte, params, tok)),
+            "variant_pack_ms": (pack, (tree, lay)),
+            "lens_ms": (lens, (params["lensnet"], params, base, var, lay)),
         }
+
+    def part_times(self, params, batch: Batch) -> dict[str, float]:
+        """build_ms, variant_pack_ms, lens_ms of one step: each part alone × the micro-steps."""
+        a = batch.tokens.shape[0]
+        return {name: a * timed_ms(fn, *args) for name, (fn, args) in self.part_programs(params, batch).items()}
