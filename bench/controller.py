@@ -4,8 +4,9 @@ One jitted function, forward only, as the PyTorch reference's controller timing:
 embed tokens → GistNet tree (LOD1 + LOD2, one batched call per level) → assemble 3
 working contexts per sequence (a recency baseline and two random compressed layouts) →
 LensNet on all of them → focus allocator (`allocator.iterations` rounds) on each. Also
-times each stage alone (each its own jit, inputs precomputed) for the breakdown. Median
-of `--steps` synchronised calls after warm-up.
+times each stage alone (each its own jit, inputs precomputed) for the breakdown. Per call:
+the median over `--steps` runs of 4 calls dispatched back to back between two
+synchronisations, after warm-up (`mc_runner.timed_ms`).
 
     python bench/controller.py --config configs/run10_d12.yaml --batch 8 \
         megacontext.wc_capacity=1024 [--json OUT.json]

@@ -19,19 +19,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpt_throughput import summarize_trace  # noqa: E402
 
+from mcjax.bench import bench_inputs, mc_setup  # noqa: E402
 from mcjax.config import load_config  # noqa: E402
-from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity  # noqa: E402
-from mcjax.model.megacontext import build_megacontext  # noqa: E402
-from mcjax.train.mc_runner import Batch, MCRunner, timed_ms  # noqa: E402
-from mcjax.train.mc_step import initial_stats  # noqa: E402
+from mcjax.train.mc_runner import MCRunner, timed_ms  # noqa: E402
 from mcjax.train.optim import build_optimizer  # noqa: E402
 from mcjax.train.sharding import batch_sharding, global_batch, make_mesh  # noqa: E402
-from mcjax.train.state import create_state, state_shardings  # noqa: E402
 
 
 def trace(fn, args, out: str, reps: int = 3) -> str:
@@ -72,23 +68,12 @@ def main(argv=None) -> dict:
     p.add_argument("--no-trace", action="store_true", help="only the timings and the attention check")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    b = args.batch
-    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=b, micro_batch_size=b))
-    t, v = cfg.dataset.context_tokens, cfg.dataset.vocab_size
+    cfg, tokens = bench_inputs(load_config(args.config, args.overrides), args.batch)
     mesh = make_mesh(cfg)
     sh = batch_sharding(mesh, leading=1)
-    tokens = np.random.default_rng(0).integers(0, v, (1, b, t + 1)).astype(np.int32)
-    model, tx = build_megacontext(cfg), build_optimizer(cfg)
-    sample = jnp.zeros((1, t), jnp.int32)
-    shard = state_shardings(model, tx, mesh, sample, initial_stats)
-    runner = MCRunner(cfg, model, tx, shard, mesh, local_batch=b)
-    spec = VariantSpec.from_config(cfg)
-    target = int(round(args.wc_length * t))
-    lay = sample_layouts(spec, target, seed=0, step=0, rows=np.arange(b))[None]
-    wv = variant_capacity(target, spec)
-    state = create_state(model, tx, shard, 0, sample, initial_stats)
-    tok_g, lay_g = global_batch(tokens, sh), global_batch(lay, sh)
+    runner, state, batch = mc_setup(cfg, build_optimizer(cfg), mesh, tokens, args.wc_length)
+    wv = batch.variant_capacity
+    tok_g, lay_g = global_batch(tokens, sh), global_batch(batch.layouts, sh)
     box = {"state": state}
 
     def step(tok, lay):
@@ -99,17 +84,17 @@ def main(argv=None) -> dict:
     r = {"config": cfg.name, "overrides": args.overrides, "gistnet_attention": runner.fw.gist.attention,
          "lensnet_attention": runner.fw.lens.attention}
     r["step_ms"] = timed_ms(step, tok_g, lay_g, reps=10, warmup=3)
-    r.update(runner.part_times(box["state"].params, Batch(tokens, lay, target, wv)))
+    r.update(runner.part_times(box["state"].params, batch))
     print(json.dumps(r), flush=True)
     if not args.no_trace:
         print("== whole step", flush=True)
         trace(step, (tok_g, lay_g), os.path.join(args.out, "step"))
-        for name, (fn, fn_args) in runner.part_programs(box["state"].params, Batch(tokens, lay, target, wv)).items():
+        for name, (fn, fn_args) in runner.part_programs(box["state"].params, batch).items():
             print(f"== {name}", flush=True)
             trace(fn, fn_args, os.path.join(args.out, name))
     if jax.default_backend() == "gpu":
         r.update(attention_check(runner, box["state"].params, global_batch(tokens[0], runner.sh0),
-                                 global_batch(lay[0], runner.sh0), wv))
+                                 global_batch(batch.layouts[0], runner.sh0), wv))
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(r, f, indent=1)
     print(json.dumps(r), flush=True)

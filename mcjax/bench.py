@@ -37,7 +37,7 @@ from mcjax.train.mc_step import initial_stats
 from mcjax.train.memory import device_memory
 from mcjax.train.optim import build_optimizer
 from mcjax.train.sharding import batch_sharding, global_batch, make_mesh
-from mcjax.train.state import create_state, state_shardings
+from mcjax.train.state import TrainState, create_state, state_shardings
 from mcjax.train.step import jit_train_step, make_train_step
 
 
@@ -50,16 +50,36 @@ def _program_gb(jitted, *args) -> float:
     return total / 1e9
 
 
-def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup: int = 3) -> dict:
-    """Time both steps of `cfg` at `batch` sequences; returns the results table as a dict."""
+def bench_inputs(cfg: Config, batch: int) -> tuple[Config, np.ndarray]:
+    """`cfg` at `batch` sequences in one micro-step, and a random batch: tokens int32 [1, batch, T+1]."""
     cfg = dataclasses.replace(
         cfg, training=dataclasses.replace(cfg.training, batch_size=batch, micro_batch_size=batch)
     )
     t, v = cfg.dataset.context_tokens, cfg.dataset.vocab_size
+    return cfg, np.random.default_rng(0).integers(0, v, (1, batch, t + 1)).astype(np.int32)
+
+
+def mc_setup(cfg: Config, tx, mesh, tokens: np.ndarray, wc_length: float) -> tuple[MCRunner, TrainState, Batch]:
+    """The MegaContext step of `cfg` ready to time on `tokens` [1, B, T+1]: its runner, a fresh
+    state, and the batch with layouts sampled at variant length `wc_length` × T."""
+    t, b = cfg.dataset.context_tokens, tokens.shape[1]
+    model = build_megacontext(cfg)
+    sample = jnp.zeros((1, t), jnp.int32)
+    shard = state_shardings(model, tx, mesh, sample, initial_stats)
+    runner = MCRunner(cfg, model, tx, shard, mesh, local_batch=b)
+    spec = VariantSpec.from_config(cfg)
+    target = int(round(wc_length * t))
+    lay = sample_layouts(spec, target, seed=0, step=0, rows=np.arange(b))[None]
+    state = create_state(model, tx, shard, 0, sample, initial_stats)
+    return runner, state, Batch(tokens, lay, target, variant_capacity(target, spec))
+
+
+def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup: int = 3) -> dict:
+    """Time both steps of `cfg` at `batch` sequences; returns the results table as a dict."""
+    cfg, tokens = bench_inputs(cfg, batch)
+    t, v = cfg.dataset.context_tokens, cfg.dataset.vocab_size
     mesh = make_mesh(cfg)
     sh = batch_sharding(mesh, leading=1)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, v, (1, batch, t + 1)).astype(np.int32)
     peak = peak_flops()
     fpt = flops_per_token(cfg.base_model.depth, cfg.model_dim, v, t)
     sample = jnp.zeros((1, t), jnp.int32)
@@ -88,15 +108,9 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
     del box["state"]  # free the plain state before building the MegaContext one
 
     # ---- MegaContext step
-    model = build_megacontext(cfg)
-    shard = state_shardings(model, tx, mesh, sample, initial_stats)
-    runner = MCRunner(cfg, model, tx, shard, mesh, local_batch=batch)
-    spec = VariantSpec.from_config(cfg)
-    target = int(round(wc_length * t))
-    lay = sample_layouts(spec, target, seed=0, step=0, rows=np.arange(batch))[None]
-    wv = variant_capacity(target, spec)
-    box["state"] = create_state(model, tx, shard, 0, sample, initial_stats)
-    tok_g, lay_g = global_batch(tokens, sh), global_batch(lay, sh)
+    runner, box["state"], mc_batch = mc_setup(cfg, tx, mesh, tokens, wc_length)
+    wv = mc_batch.variant_capacity
+    tok_g, lay_g = global_batch(tokens, sh), global_batch(mc_batch.layouts, sh)
     out["mc_program_gb"] = _program_gb(runner.step_fn, box["state"], tok_g, lay_g, wv)
 
     def run_mc():
@@ -104,7 +118,6 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
         return m
 
     ms = timed_ms(run_mc, reps=max(1, steps // 4), warmup=warmup)
-    mc_batch = Batch(tokens, lay, target, wv)
     fpit = runner.flops_per_input_token(mc_batch)
     t0 = time.perf_counter()
     runner.sample(tokens, 0)
