@@ -6,7 +6,7 @@ then writes a jax.profiler trace and a per-kernel summary (bench/gpt_throughput.
 `mc/build_ms`, `mc/variant_pack_ms`, `mc/lens_ms` computations of mc_runner.py), and
 checks that the cuDNN and XLA encoder attentions give the same LensNet scores and gists.
 
-    python bench/mc_profile.py --config configs/mc_d12.yaml --batch 8 --out DIR [key=value ...]
+    python bench/mc_profile.py --config configs/mc_d12.yaml --batch 8 --out DIR [--no-trace] [--hlo] [key=value ...]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     p.add_argument("--wc-length", type=float, default=0.2)
     p.add_argument("--out", required=True)
     p.add_argument("--no-trace", action="store_true", help="only the timings and the attention check")
+    p.add_argument("--hlo", action="store_true", help="also write each part's optimised HLO (<part>.hlo.txt)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     cfg, tokens = bench_inputs(load_config(args.config, args.overrides), args.batch)
@@ -88,10 +89,16 @@ def main(argv=None) -> dict:
     print(json.dumps(r), flush=True)
     if not args.no_trace:
         print("== whole step", flush=True)
-        trace(step, (tok_g, lay_g), os.path.join(args.out, "step"))
-        for name, (fn, fn_args) in runner.part_programs(box["state"].params, batch).items():
+        trace(step, (tok_g, lay_g), os.path.join(args.out, "step"))  # donates the state: parts come after
+    parts = runner.part_programs(box["state"].params, batch)
+    if not args.no_trace:
+        for name, (fn, fn_args) in parts.items():
             print(f"== {name}", flush=True)
             trace(fn, fn_args, os.path.join(args.out, name))
+    if args.hlo:  # maps the fusion names of the kernel summaries to the ops they hold
+        for name, (fn, fn_args) in parts.items():
+            with open(os.path.join(args.out, f"{name}.hlo.txt"), "w") as f:
+                f.write(fn.lower(*fn_args).compile().as_text())
     if jax.default_backend() == "gpu":
         r.update(attention_check(runner, box["state"].params, global_batch(tokens[0], runner.sh0),
                                  global_batch(batch.layouts[0], runner.sh0), wv))

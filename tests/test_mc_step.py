@@ -16,6 +16,7 @@ from mcjax.checkpoint import Checkpointer
 from mcjax.config import config_from_dict
 from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity
 from mcjax.megacontext import losses as L
+from mcjax.megacontext.allocator import unit_scores
 from mcjax.megacontext.layout import assemble
 from mcjax.model.megacontext import build_megacontext
 from mcjax.train.mc_step import initial_stats, jit_mc_train_step, make_mc_train_step
@@ -140,6 +141,32 @@ def test_block_scores_and_layout_costs():
     costs = L.layout_costs(u_all, layouts)
     # baseline compresses nothing; the variant compresses blocks 0 and 2: (½(0+0.2) + ½(0.5+0.6)) / 4
     np.testing.assert_allclose(costs, [0.0, (0.1 + 0.55) / 4], rtol=1e-6)
+
+
+def test_block_scores_are_the_allocators_unit_scores_per_block():
+    # Random layouts over 4 superblocks of 4 blocks of 4 tokens (whole superblocks at LOD2),
+    # packed into a WC wider than needed: the gather must match the allocator's segment sums.
+    k, n1 = 4, 16
+    rng = np.random.default_rng(0)
+    lods = rng.integers(0, 2, (64, n1))
+    lods = np.where(np.repeat(rng.random((64, n1 // k)) < 0.3, k, axis=1), 2, lods).astype(np.int8)
+    scores = jnp.asarray(rng.uniform(-1, 1, (64, n1 * k + 8)), jnp.float32)
+
+    def both(lod, s):
+        wc = assemble(lod, jnp.zeros((n1 * k, 2)), jnp.zeros((n1, 2)), jnp.zeros((n1 // k, 2)), n1 * k + 8)
+        s = jnp.where(wc.valid, s, 0.0)
+        us = unit_scores(wc, s, n1, k)
+        blk = jnp.arange(n1)
+        want = jnp.where(lod == 0, -us.collapse[blk], jnp.where(lod == 1, us.expand[blk], us.expand[n1 + blk // k]))
+        return L.block_scores(wc, s, lod, k), want
+
+    got, want = jax.jit(jax.vmap(both))(jnp.asarray(lods), scores)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    grad = jax.grad(lambda s: jax.vmap(lambda l, x: both(l, x)[0].sum())(jnp.asarray(lods), s).sum())(scores)
+    # each read entry gets d/ds of its block's score: 1/K per token of a LOD0 block, 1 per
+    # LOD1 gist, K per LOD2 gist (its superblock's K blocks share it); padding gets nothing
+    per_layout = np.asarray(grad).sum(-1)
+    np.testing.assert_allclose(per_layout, np.full(64, float(n1)), rtol=1e-6)
 
 
 def test_ema_moments_are_bias_corrected():

@@ -84,6 +84,25 @@ def test_build_tree_without_lod2(tokens):
         build_tree(toy_gist, tokens[:, :10], K)
 
 
+def test_build_tree_skips_the_protected_tail(tokens):
+    calls = []
+
+    def counting(x, mask=None):
+        calls.append(x.shape)
+        return toy_gist(x, mask)
+
+    full = jax.jit(lambda x: build_tree(toy_gist, x, K, max_lod=2))(tokens)
+    # 16 blocks, the last 5 never compressed: 11 LOD1 gists, 2 of the 4 superblocks
+    tree = jax.jit(lambda x: build_tree(counting, x, K, max_lod=2, tail_blocks=5))(tokens)
+    assert calls == [(B * 11, K, D), (B * 2, K, D)]
+    assert tree.lod1.shape == full.lod1.shape and tree.lod2.shape == full.lod2.shape
+    np.testing.assert_array_equal(tree.lod1[:, :11], full.lod1[:, :11])
+    np.testing.assert_array_equal(tree.lod2[:, :2], full.lod2[:, :2])
+    assert not np.asarray(tree.lod1[:, 11:]).any() and not np.asarray(tree.lod2[:, 2:]).any()
+    with pytest.raises(ValueError, match="tail_blocks"):
+        build_tree(toy_gist, tokens, K, tail_blocks=16)
+
+
 def test_build_tree_is_causal(tokens, gistnet_build):
     build = gistnet_build
     base = build(tokens)

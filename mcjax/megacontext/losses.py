@@ -28,8 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mcjax.megacontext.allocator import unit_scores
-from mcjax.megacontext.layout import WorkingContext
+from mcjax.megacontext.layout import WorkingContext, block_entry_counts
 
 
 def horizon_mask(wc: WorkingContext, tokens: int, horizon: int) -> jnp.ndarray:
@@ -48,13 +47,24 @@ def block_scores(wc: WorkingContext, scores: jnp.ndarray, block_lod: jnp.ndarray
     """u(b): per-block compression scores of one WC. scores f32 [W]; block_lod int [N1] -> f32 [N1].
 
     The score of b's gist when b is compressed (LOD1: its own; LOD2: its superblock's),
-    else the mean of its K token scores — the focus allocator's unit scores, per block.
+    else the mean of its K token scores — the focus allocator's unit scores
+    (`allocator.unit_scores`), per block. Read from the layout by one gather with unique
+    indices (each block's entries are contiguous in the WC), so the backward pass is a
+    scatter without colliding writes.
     """
-    n1 = block_lod.shape[-1]
-    us = unit_scores(wc, scores, n1, k)
     lod = block_lod.astype(jnp.int32)
-    sup = jnp.minimum(n1 + jnp.arange(n1) // k, us.expand.shape[0] - 1)  # LOD2 only on whole superblocks
-    return jnp.where(lod == 0, -us.collapse[:n1], jnp.where(lod == 1, us.expand[:n1], us.expand[sup]))
+    n1, w = lod.shape[-1], scores.shape[-1]
+    counts = block_entry_counts(lod, k)
+    start = jnp.cumsum(counts) - counts  # each block's first entry (a LOD2 superblock's gist: its first block's)
+    first = (jnp.arange(n1) // k) * k
+    col = jnp.arange(k)
+    read = (lod[:, None] == 0) | ((col == 0) & ((lod == 1) | ((lod == 2) & (jnp.arange(n1) == first)))[:, None])
+    unused = w + n1 * k + jnp.arange(n1 * k).reshape(n1, k)  # distinct rows past any real entry
+    src = jnp.where(read, start[:, None] + col, unused)
+    s = jnp.where(wc.valid, scores.astype(jnp.float32), 0.0)
+    vals = s.at[src].get(mode="fill", fill_value=0.0, unique_indices=True)  # [N1, K]
+    own = jnp.where(lod == 0, vals.sum(-1) / k, vals[:, 0])
+    return jnp.where(lod == 2, own[first], own)
 
 
 def layout_costs(u: jnp.ndarray, block_lod: jnp.ndarray) -> jnp.ndarray:

@@ -4,7 +4,8 @@ gists (LOD2), built whole for training or grown token by token for inference.
 `build_tree` (training) makes one batched GistNet call per level: `[B*N1, K, D] -> [B*N1, D]`
 over the tokens, then `[B*N2, K, D] -> [B*N2, D]` over the LOD1 gists of complete
 superblocks. A LOD1 gist depends only on its block's K tokens, a LOD2 gist only on its K
-blocks, so gists never see the future.
+blocks, so gists never see the future. Training never compresses the protected recent
+tail, so those blocks' gists are skipped (`tail_blocks`; zeros in the tree).
 
 `StreamTree` (inference) holds a fixed capacity C (a multiple of K²) and a valid length.
 `append` writes up to n new rows and recomputes only the touched nodes: a static
@@ -41,21 +42,30 @@ class Tree(NamedTuple):
     lod2: jnp.ndarray
 
 
-def build_tree(gist_fn: GistFn, lod0: jnp.ndarray, k: int, max_lod: int = 2) -> Tree:
+def build_tree(gist_fn: GistFn, lod0: jnp.ndarray, k: int, max_lod: int = 2, tail_blocks: int = 0) -> Tree:
     """Gist every block, then every complete superblock. lod0 [B, T, D], T a multiple of k.
 
-    One gist_fn call per level (none for LOD2 when it has no rows). Pure; jit it with the
-    step (k and max_lod are static).
+    `tail_blocks`: the last blocks are a protected tail that no layout compresses, so
+    their gists and those of the superblocks overlapping them are never read: they are
+    not built, and their rows are zeros. One gist_fn call per level (none for a level
+    with nothing to build). Pure; jit it with the step (k, max_lod, tail_blocks static).
     """
     b, t, d = lod0.shape
     if t % k:
         raise ValueError(f"sequence length {t} is not a multiple of the block size {k}")
     n1, n2 = t // k, t // (k * k) if max_lod >= 2 else 0
-    lod1 = gist_fn(lod0.reshape(b * n1, k, d)).reshape(b, n1, d)
-    if n2 == 0:
-        return Tree(lod0, lod1, jnp.zeros((b, 0, d), lod1.dtype))
-    lod2 = gist_fn(lod1[:, : n2 * k].reshape(b * n2, k, d)).reshape(b, n2, d)
-    return Tree(lod0, lod1, lod2)
+    if not 0 <= tail_blocks < n1:
+        raise ValueError(f"tail_blocks must lie in [0, {n1}) for {n1} blocks, got {tail_blocks}")
+    built1, built2 = n1 - tail_blocks, min(n2, (n1 - tail_blocks) // k)
+
+    def gists(x, rows: int, total: int):  # x [B, rows·k, D] -> [B, total, D], zeros after `rows`
+        if rows == 0:
+            return jnp.zeros((b, total, d), lod0.dtype)
+        g = gist_fn(x.reshape(b * rows, k, d)).reshape(b, rows, d)
+        return g if rows == total else jnp.concatenate([g, jnp.zeros((b, total - rows, d), g.dtype)], axis=1)
+
+    lod1 = gists(lod0[:, : built1 * k], built1, n1)
+    return Tree(lod0, lod1, gists(lod1[:, : built2 * k], built2, n2).astype(lod1.dtype))
 
 
 # ----------------------------------------------------------------------------- streaming

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mcjax.megacontext.layout import WorkingContext
@@ -57,7 +58,9 @@ class LensNet(nn.Module):
         w_out = self.param("w_out", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp", None)), (d, 1), jnp.float32)
 
         x = rms_norm(wc.emb.astype(self.dtype)) @ w_in.astype(self.dtype)
-        x = x + lod_emb[wc.lod].astype(self.dtype) + (entry_features(wc) @ w_feat).astype(self.dtype)
+        # One-hot matmuls, not a gather: the gather's backward scatters every entry into 3 rows.
+        lod = jax.nn.one_hot(wc.lod, 3, dtype=jnp.float32)
+        x = x + (lod @ lod_emb + entry_features(wc) @ w_feat).astype(self.dtype)
         spans = wc.span if self.rope == "gaussian" else None
         cos, sin = rope_angles(wc.pos, d // self.num_heads, self.rope_base, spans)
         x = Encoder(self.layers, self.num_heads, self.dtype, self.attention, name="encoder")(x, wc.valid, cos, sin)

@@ -10,11 +10,14 @@ between two synchronisations; the controller parts are the same computations jit
 on the same batch, forward + backward (differentiated only with respect to what each part
 trains), 4 calls back to back between two synchronisations, median of 3 such runs, times
 the micro-steps per step:
-  mc/build_ms         token embedding + GistNet tree (LOD1, LOD2);
+  mc/build_ms         GistNet tree (LOD1, LOD2) over the token embeddings, differentiated
+                      w.r.t. GistNet and the embeddings (their lookup and table gradient
+                      are the GPT's, as in the plain step: they count in other_ms);
   mc/variant_pack_ms  assembly (gather) of the baseline and variant working contexts;
   mc/lens_ms          LensNet on every WC + its preference loss;
   mc/other_ms         step_ms − the three above: the base model's forward and backward on
-                      every WC, the other losses and the optimizer update;
+                      every WC (token embedding included), the other losses and the
+                      optimizer update;
   mc/variant_ms       host time to sample the step's layouts (numpy, every step; it
                       overlaps the device work of the previous step).
 """
@@ -33,6 +36,7 @@ import numpy as np
 from mcjax.data.variants import EVAL, VariantSpec, curriculum_target, sample_layouts, variant_capacity
 from mcjax.megacontext import losses as L
 from mcjax.megacontext.layout import entry_count, render
+from mcjax.model.gpt import GPT
 from mcjax.model.megacontext import MegaContextModel
 from mcjax.telemetry.deltas import label_table, write_labels
 from mcjax.train.flops import flops_per_token
@@ -211,12 +215,11 @@ class MCRunner:
         def sq(tree):
             return sum(jnp.vdot(x, x).real.astype(jnp.float32) for x in jax.tree.leaves(tree))
 
-        def build_loss(trained, params, tok):  # trained: GistNet and the token embedding
-            gpt = {**params["gpt"], "wte": trained["wte"]}
-            return sq(fw.tree({**params, "gpt": gpt, "gistnet": trained["gistnet"]}, tok))
-
-        build = jax.jit(jax.grad(build_loss))
-        tree = jax.jit(fw.tree)(params, tok)
+        # The token embedding (lookup and table gradient) is the GPT's own work, as in the plain
+        # step: build_ms is GistNet over the embeddings, differentiated w.r.t. its params and them.
+        emb = jax.jit(lambda p, tok: fw.gpt.apply({"params": p["gpt"]}, tok[:, :-1], method=GPT.embed))(params, tok)
+        build = jax.jit(jax.grad(lambda gistnet, emb: sq(fw.gists(gistnet, emb)[1:]), argnums=(0, 1)))
+        tree = jax.jit(fw.gists)(params["gistnet"], emb)
 
         def wcs(tree, lay):
             base = fw.assemble(tree, lay[:, :1], cap)
@@ -233,9 +236,8 @@ class MCRunner:
             return L.preference_loss(costs, jnp.zeros_like(costs), 0.0, 1.0, 1.0)
 
         lens = jax.jit(jax.grad(lens_loss))
-        gist_and_wte = {"gistnet": params["gistnet"], "wte": params["gpt"]["wte"]}
         return {
-            "build_ms": (build, (gist_and_wte, params, tok)),
+            "build_ms": (build, (params["gistnet"], emb)),
             "variant_pack_ms": (pack, (tree, lay)),
             "lens_ms": (lens, (params["lensnet"], params, base, var, lay)),
         }

@@ -59,14 +59,18 @@ class MCForward:
         self.capacity = cfg.wc_capacity
         t = cfg.dataset.context_tokens
         self.max_lod = cfg.megacontext.max_lod if t >= self.k * self.k else 1  # LOD2 needs a whole superblock
+        self.tail_blocks = cfg.megacontext.recent_tokens // self.k  # never compressed: no gists built
         self.gaussian = cfg.megacontext.rope == "gaussian"
 
     def tree(self, params, tokens):
         """tokens int [B, T+1] -> the LOD tree of the first T tokens."""
         t = tokens.shape[1] - 1
-        emb = self.gpt.apply({"params": params["gpt"]}, tokens[:, :t], method=GPT.embed)
-        gist = lambda x, mask=None: self.gist.apply({"params": params["gistnet"]}, x, mask)  # noqa: E731
-        return build_tree(gist, emb, self.k, self.max_lod)
+        return self.gists(params["gistnet"], self.gpt.apply({"params": params["gpt"]}, tokens[:, :t], method=GPT.embed))
+
+    def gists(self, gistnet_params, emb):
+        """GistNet over token embeddings [B, T, D] -> the LOD tree (tail gists left out)."""
+        gist = lambda x, mask=None: self.gist.apply({"params": gistnet_params}, x, mask)  # noqa: E731
+        return build_tree(gist, emb, self.k, self.max_lod, self.tail_blocks)
 
     def assemble(self, tree, layouts, capacity: int) -> WorkingContext:
         """layouts int8 [B, M, N1] -> WCs [B·M, capacity] (sequence-major)."""
