@@ -123,12 +123,13 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
     runner.sample(tokens, 0)
     variant_ms = (time.perf_counter() - t0) * 1e3
     parts = runner.part_times(box["state"].params, mc_batch)
+    rate = batch * t / ms * 1e3
     out.update(
         mc_step_ms=ms,
-        mc_tok_per_sec=batch * t / ms * 1e3,
-        mc_mfu=mfu(batch * t / ms * 1e3, fpit, jax.device_count(), peak),
-        mc_mfu_input=mfu(batch * t / ms * 1e3, fpt, jax.device_count(), peak),
-        mc_wc_entries=float(fpit * batch * t / flops_per_token(cfg.base_model.depth, cfg.model_dim, v, t)),
+        mc_tok_per_sec=rate,
+        mc_mfu=mfu(rate, fpit, jax.device_count(), peak),
+        mc_mfu_input=mfu(rate, fpt, jax.device_count(), peak),
+        mc_wc_entries=float(fpit * batch * t / fpt),
         mc_variant_capacity=wv,
         **{f"mc_{k}": val for k, val in parts.items()},
         mc_variant_ms=variant_ms,

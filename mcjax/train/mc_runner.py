@@ -36,7 +36,6 @@ import numpy as np
 from mcjax.data.variants import EVAL, VariantSpec, curriculum_target, sample_layouts, variant_capacity
 from mcjax.megacontext import losses as L
 from mcjax.megacontext.layout import entry_count, render
-from mcjax.model.gpt import GPT
 from mcjax.model.megacontext import MegaContextModel
 from mcjax.telemetry.deltas import label_table, write_labels
 from mcjax.train.flops import flops_per_token
@@ -217,7 +216,7 @@ class MCRunner:
 
         # The token embedding (lookup and table gradient) is the GPT's own work, as in the plain
         # step: build_ms is GistNet over the embeddings, differentiated w.r.t. its params and them.
-        emb = jax.jit(lambda p, tok: fw.gpt.apply({"params": p["gpt"]}, tok[:, :-1], method=GPT.embed))(params, tok)
+        emb = jax.jit(fw.embed)(params, tok)
         build = jax.jit(jax.grad(lambda gistnet, emb: sq(fw.gists(gistnet, emb)[1:]), argnums=(0, 1)))
         tree = jax.jit(fw.gists)(params["gistnet"], emb)
 

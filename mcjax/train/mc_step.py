@@ -62,10 +62,13 @@ class MCForward:
         self.tail_blocks = cfg.megacontext.recent_tokens // self.k  # never compressed: no gists built
         self.gaussian = cfg.megacontext.rope == "gaussian"
 
+    def embed(self, params, tokens):
+        """tokens int [B, T+1] -> the GPT's embeddings of the first T tokens [B, T, D]."""
+        return self.gpt.apply({"params": params["gpt"]}, tokens[:, :-1], method=GPT.embed)
+
     def tree(self, params, tokens):
         """tokens int [B, T+1] -> the LOD tree of the first T tokens."""
-        t = tokens.shape[1] - 1
-        return self.gists(params["gistnet"], self.gpt.apply({"params": params["gpt"]}, tokens[:, :t], method=GPT.embed))
+        return self.gists(params["gistnet"], self.embed(params, tokens))
 
     def gists(self, gistnet_params, emb):
         """GistNet over token embeddings [B, T, D] -> the LOD tree (tail gists left out)."""
