@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from mcjax.megacontext.layout import (
     all_lod0,
     assemble,
+    block_entry_counts,
+    prefix_sum,
     check_layout,
     entry_count,
     recency_baseline,
@@ -80,6 +82,41 @@ def test_assembly_equals_reference_and_covers_the_sequence(lod):
     assert (wc.target_valid[:n] == (ends < T)).all()
     # padding is inert
     assert not wc.valid[n:].any() and not wc.target_valid[n:].any() and (wc.emb[n:] == 0).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts(), st.integers(1, T))
+def test_assembly_of_a_growing_history(lod, length):
+    """With `length` tokens present (the runtime engine), the WC covers exactly [0, length):
+    complete blocks as the layout says, the partly filled last block and every block past it
+    raw (the engine keeps them LOD0), targets past `length` invalid; and the token-id path
+    (`embed`) equals the table path."""
+    lod = lod.copy()
+    lod[length // K :] = 0  # the tail and absent blocks are never compressed
+    for s in range(0, N1, K):  # a LOD2 superblock must lie within the complete blocks
+        if (lod[s : s + K] == 2).any() and s + K > length // K:
+            lod[s : s + K] = 0
+    ref = [r for r in reference(lod) if r[1] < length]
+    wc = jax.device_get(ASSEMBLE_GROWING(jnp.asarray(lod), jnp.int32(length)))
+    n = len(ref)
+    assert wc.valid.sum() == n and [int(x) for x in wc.pos[:n]] == [r[1] for r in ref]
+    assert [int(x) for x in wc.span[:n]] == [r[2] for r in ref] and wc.pos[n - 1] + wc.span[n - 1] == length
+    assert (wc.target_valid[:n] == (wc.pos[:n] + wc.span[:n] < length)).all()
+    np.testing.assert_array_equal(wc.emb[:n], np.stack([r[3] for r in ref]))
+    assert np.asarray(block_entry_counts(jnp.asarray(lod), K, jnp.int32(length))).sum() == n
+    ids = ASSEMBLE_IDS(jnp.asarray(lod), jnp.int32(length))
+    np.testing.assert_array_equal(np.asarray(ids.emb), wc.emb)
+    np.testing.assert_array_equal(np.asarray(ids.pos), wc.pos)
+
+
+ASSEMBLE_GROWING = jax.jit(lambda lod, n: assemble(lod, LOD0, LOD1, LOD2, CAP, length=n))
+ASSEMBLE_IDS = jax.jit(lambda lod, n: assemble(lod, jnp.arange(T), LOD1, LOD2, CAP, length=n, embed=lambda i: LOD0[i]))
+
+
+def test_prefix_sum_long_axes_equal_cumsum():
+    x = jnp.asarray(rng.integers(0, 40, (3, 1000)), jnp.int32)
+    np.testing.assert_array_equal(prefix_sum(x), np.cumsum(np.asarray(x), axis=-1))
+    np.testing.assert_array_equal(prefix_sum(x[:, :100]), np.cumsum(np.asarray(x[:, :100]), axis=-1))
 
 
 @settings(max_examples=200, deadline=None)

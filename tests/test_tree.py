@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcjax.megacontext.tree import StreamTree, Tree, append, build_tree, check_append, empty_stream
+from mcjax.megacontext.tree import StreamTree, Tree, append, build_tree, check_append, empty_stream, refresh
 from mcjax.model.gistnet import GistNet
 
 B, T, D, K = 2, 64, 16, 4
@@ -221,3 +221,26 @@ def test_empty_stream_shapes_and_checks():
     np.testing.assert_allclose(s1.lod1[1], toy_gist(jnp.ones((4, D)), jnp.arange(4) < 1), atol=1e-6)
     with pytest.raises(ValueError, match="multiple"):
         empty_stream(24, D, k=K)
+
+
+def test_id_stream_with_embed_equals_the_embedding_stream(tokens):
+    """A tree of token ids (the runtime engine's) with `embed` holds the same gists as a tree
+    of their embeddings; `refresh` after writing ids one by one equals `append`."""
+    table = tokens[0, :50]  # 50 "vocabulary" embeddings
+    embed = lambda ids: table[ids]  # noqa: E731
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 50, T), jnp.int32)
+    by_emb = _stream(toy_gist, table[ids], 45, 7)
+    by_ids = empty_stream(T, D, k=K, ids=True)
+    assert by_ids.lod0.shape == (T,) and by_ids.lod0.dtype == jnp.int32
+    step = jax.jit(lambda t, new, n: append(toy_gist, t, new, n, embed))
+    for start in range(0, 45, 7):
+        by_ids = step(by_ids, jnp.pad(ids[start : start + 7], (0, 7 - ids[start : start + 7].shape[0])), jnp.int32(min(7, 45 - start)))
+    np.testing.assert_array_equal(by_ids.lod0[:45], ids[:45])
+    np.testing.assert_allclose(by_ids.lod1, by_emb.lod1, atol=1e-6)
+    np.testing.assert_allclose(by_ids.lod2, by_emb.lod2, atol=1e-6)
+    # decode-style: write 8 ids one at a time, then refresh the rows they filled, once
+    grown = by_ids._replace(lod0=by_ids.lod0.at[45:53].set(ids[45:53]), length=jnp.int32(53))
+    grown = jax.jit(lambda t: refresh(toy_gist, t, jnp.int32(45), 8, embed))(grown)
+    want = step(by_ids, ids[45:53], jnp.int32(8))
+    np.testing.assert_allclose(grown.lod1, want.lod1, atol=1e-6)
+    np.testing.assert_allclose(grown.lod2, want.lod2, atol=1e-6)

@@ -22,7 +22,7 @@ block edit and a superblock edit compete on the same scale.
 A unit is *eligible* when it is at the right level and every block it touches is *free*:
 not in the protected tail (the last ceil(recent_tokens / K) blocks), not in cooldown
 (`step − last_changed < cooldown_steps`) and not already changed in this refocus. Each of
-`iterations` rounds (`lax.fori_loop`) then does:
+`iterations` rounds (`lax.fori_loop`, unrolled) then does:
 
 1. Collapses. Eligible collapse units are ranked best first (`lax.top_k` over all M).
    The first `max_replacements` of them with −score ≥ collapse_threshold are taken.
@@ -57,7 +57,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mcjax.megacontext.layout import WorkingContext, block_entry_counts
+from mcjax.megacontext.layout import WorkingContext, block_entry_counts, prefix_sum
 
 NEVER = -(2**30)  # `last_changed` of a block that has never changed (never in cooldown)
 
@@ -132,6 +132,7 @@ class UnitScores(NamedTuple):
 
 class _State(NamedTuple):
     lod: jnp.ndarray  # int8 [N1]
+    length: jnp.ndarray  # int32 []: tokens present (N1·K in training)
     changed: jnp.ndarray  # bool [N1], changed in this refocus
     last_changed: jnp.ndarray  # int32 [N1]
     num_expands: jnp.ndarray  # int32 []
@@ -160,11 +161,15 @@ def unit_scores(wc: WorkingContext, scores: jnp.ndarray, n1: int, k: int) -> Uni
     )
 
 
-def free_blocks(last_changed, changed, step, p: AllocatorParams) -> jnp.ndarray:
-    """bool [N1]: blocks that may change now (not tail, not in cooldown, not yet changed)."""
+def free_blocks(last_changed, changed, step, p: AllocatorParams, length=None) -> jnp.ndarray:
+    """bool [N1]: blocks that may change now (not tail, not in cooldown, not yet changed).
+
+    The tail is every block holding one of the last `recent_tokens` of the `length` tokens
+    present (default N1·K); blocks past `length` (absent) are protected too.
+    """
     n1 = last_changed.shape[0]
-    tail = -(-jnp.asarray(p.recent_tokens) // p.k)
-    protected = jnp.arange(n1) >= n1 - tail
+    length = n1 * p.k if length is None else length
+    protected = (jnp.arange(n1) + 1) * p.k > length - jnp.asarray(p.recent_tokens)
     cooling = step - last_changed < p.cooldown_steps
     return ~protected & ~cooling & ~changed
 
@@ -188,9 +193,9 @@ def eligible_units(lod, free, p: AllocatorParams) -> tuple[jnp.ndarray, jnp.ndar
     return expandable, collapsible
 
 
-def entries(lod: jnp.ndarray, k: int) -> jnp.ndarray:
-    """int32 []: entries of a layout."""
-    return block_entry_counts(lod, k).sum().astype(jnp.int32)
+def entries(lod: jnp.ndarray, k: int, length=None) -> jnp.ndarray:
+    """int32 []: entries of a layout (of the `length` tokens present; default all)."""
+    return block_entry_counts(lod, k, length).sum().astype(jnp.int32)
 
 
 def _count(mask: jnp.ndarray) -> jnp.ndarray:
@@ -236,10 +241,10 @@ def _collapse(state: _State, us: UnitScores, collapsible, noise, step, p: Alloca
     _, order = jax.lax.top_k(jnp.where(collapsible, us.collapse + noise, -jnp.inf), m)
     eligible = collapsible[order]
     passes = eligible & (us.collapse[order] >= p.collapse_threshold)
-    normal = passes & (jnp.cumsum(passes) <= p.max_replacements)
-    excess = entries(state.lod, k) - (k - 1) * normal.sum() - p.w_max
+    normal = passes & (prefix_sum(passes.astype(jnp.int32)) <= p.max_replacements)
+    excess = entries(state.lod, k, state.length) - (k - 1) * normal.sum() - p.w_max
     extra = eligible & ~normal
-    gain = jnp.cumsum(extra * (k - 1)) - extra * (k - 1)  # gain of the forced ones before this
+    gain = prefix_sum(extra * (k - 1)) - extra * (k - 1)  # gain of the forced ones before this
     forced = extra & (gain < excess) & (k > 1)
     state = _scatter(state, order, normal | forced, 1, 2, step, k)
     return state._replace(
@@ -254,7 +259,7 @@ def _expand(state: _State, us: UnitScores, expandable, noise, step, p: Allocator
     ok = expandable & (us.expand >= p.expand_threshold)
     _, top = jax.lax.top_k(jnp.where(ok, us.expand + noise, -jnp.inf), min(p.max_replacements, m))
     cost = ok[top] * (k - 1)
-    take = ok[top] & (entries(state.lod, k) + jnp.cumsum(cost) <= p.w_max)
+    take = ok[top] & (entries(state.lod, k, state.length) + jnp.cumsum(cost) <= p.w_max)
     state = _scatter(state, top, take, 0, 1, step, k)
     return state._replace(num_expands=state.num_expands + _count(take))
 
@@ -263,10 +268,10 @@ def _round(i, state: _State, us: UnitScores, step, key, p: AllocatorParams) -> _
     """Round i of a refocus: collapses (forced ones included), then expands on the result."""
     m = us.expand.shape[0]
     kc, ke = jax.random.split(jax.random.fold_in(key, i))
-    free = free_blocks(state.last_changed, state.changed, step, p)
+    free = free_blocks(state.last_changed, state.changed, step, p, state.length)
     _, collapsible = eligible_units(state.lod, free, p)
     state = _collapse(state, us, collapsible, _ranking_noise(kc, m, p), step, p)
-    free = free_blocks(state.last_changed, state.changed, step, p)
+    free = free_blocks(state.last_changed, state.changed, step, p, state.length)
     expandable, _ = eligible_units(state.lod, free, p)
     return _expand(state, us, expandable, _ranking_noise(ke, m, p), step, p)
 
@@ -282,6 +287,7 @@ def refocus(
     step: jnp.ndarray,
     key: jax.Array,
     params: AllocatorParams,
+    length=None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
     """One refocus of one sequence's layout (see the module docstring). Jit- and vmap-able.
 
@@ -293,23 +299,27 @@ def refocus(
     step int32 []: this refocus' step (cooldown: `step − last_changed < cooldown_steps`).
     key: PRNG key (used by the stochastic policy only).
     params: `AllocatorParams`.
+    length int32 [] (optional): tokens present in a growing history (the runtime engine):
+        blocks past it are absent and never edited, entry counts and the tail are taken
+        over the present tokens. Default N1·K (training).
 
     Returns (new_block_lod int8 [N1], new_last_changed int32 [N1], stats) with stats a dict
     of scalars: num_expands, num_collapses (actions; a superblock edit counts once; forced
     collapses included), num_forced_collapses, blocks_changed, entries_before,
-    entries_after (int32), swap_rate = (num_expands + num_collapses) / N1 and
+    entries_after (int32), swap_rate = (num_expands + num_collapses) / complete blocks
+    (N1 in training) and
     token_budget_utilization = entries_after / W_max (f32).
     """
     lod = jnp.asarray(block_lod).astype(jnp.int8)
-    n1 = lod.shape[0]
+    n1, k = lod.shape[0], params.k
+    length = jnp.asarray(n1 * k if length is None else length, jnp.int32)
     step = jnp.asarray(step, jnp.int32)
-    us = unit_scores(wc, scores, n1, params.k)
+    us = unit_scores(wc, scores, n1, k)
     zero = jnp.zeros((), jnp.int32)
-    state = _State(lod, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero)
-    state = jax.lax.fori_loop(
-        0, params.iterations, lambda i, s: _round(i, s, us, step, key, params), state
-    )
-    before, after = entries(lod, params.k), entries(state.lod, params.k)
+    state = _State(lod, length, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero)
+    # unrolled: a handful of rounds, and no device loop whose condition the host must read
+    state = jax.lax.fori_loop(0, params.iterations, lambda i, s: _round(i, s, us, step, key, params), state, unroll=True)
+    before, after = entries(lod, k, length), entries(state.lod, k, length)
     stats = {
         "num_expands": state.num_expands,
         "num_collapses": state.num_collapses,
@@ -317,7 +327,7 @@ def refocus(
         "blocks_changed": _count(state.changed),
         "entries_before": before,
         "entries_after": after,
-        "swap_rate": (state.num_expands + state.num_collapses).astype(jnp.float32) / n1,
+        "swap_rate": (state.num_expands + state.num_collapses).astype(jnp.float32) / jnp.maximum(length // k, 1),
         "token_budget_utilization": after.astype(jnp.float32) / params.w_max,
     }
     return state.lod, state.last_changed, stats

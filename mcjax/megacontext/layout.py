@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,14 +44,31 @@ class WorkingContext(NamedTuple):
     target_valid: jnp.ndarray
 
 
-def block_entry_counts(block_lod: jnp.ndarray, k: int) -> jnp.ndarray:
+LONG = 256  # an axis longer than this (a runtime history's blocks) takes the log-depth paths below
+
+
+def prefix_sum(x: jnp.ndarray) -> jnp.ndarray:
+    """Inclusive prefix sum over the last axis. On GPU `jnp.cumsum` is a reduce-window whose
+    work grows with the square of the length; a long axis takes a log-depth parallel scan."""
+    if x.shape[-1] <= LONG:
+        return jnp.cumsum(x, axis=-1)
+    return jax.lax.associative_scan(jnp.add, x, axis=x.ndim - 1)
+
+
+def block_entry_counts(block_lod: jnp.ndarray, k: int, length=None) -> jnp.ndarray:
     """Entries each block contributes: K at LOD0, 1 at LOD1, 1 on a superblock's first block at LOD2.
 
-    block_lod int [..., N1] -> int32 [..., N1].
+    block_lod int [..., N1] -> int32 [..., N1]. `length` (int [...], optional): tokens present
+    in a growing history; a LOD0 block then holds only its tokens below `length` (a partly
+    filled last block fewer than K) and blocks past it hold none. Default: all N1·K present.
     """
     lod = block_lod.astype(jnp.int32)
     first_of_super = (jnp.arange(lod.shape[-1]) % k) == 0
-    return jnp.where(lod == 0, k, jnp.where(lod == 1, 1, first_of_super.astype(jnp.int32)))
+    counts = jnp.where(lod == 0, k, jnp.where(lod == 1, 1, first_of_super.astype(jnp.int32)))
+    if length is None:
+        return counts
+    raw = jnp.asarray(length, jnp.int32)[..., None] - jnp.arange(lod.shape[-1], dtype=jnp.int32) * k
+    return jnp.where(raw <= 0, 0, jnp.where(lod == 0, jnp.minimum(raw, k), counts))
 
 
 def assemble(
@@ -59,6 +77,9 @@ def assemble(
     lod1: jnp.ndarray,
     lod2: jnp.ndarray | None,
     capacity: int,
+    *,
+    length=None,
+    embed=None,
 ) -> WorkingContext:
     """Gather the WC that `block_lod` describes, padded to `capacity` slots.
 
@@ -66,16 +87,22 @@ def assemble(
     K = T // N1. One sequence: `jax.vmap` it over a batch (and over layouts of a sequence).
     A layout with more than `capacity` entries is truncated; callers keep layouts valid
     (`check_layout` on the host, the focus allocator on the device).
+
+    A growing history (the runtime engine): `length` int [] is the tokens present (blocks
+    past it are absent, a partly filled last block shows its tokens so far; targets at or
+    past `length` are invalid), and with `embed` given `lod0` holds token ids int [T]
+    whose LOD0 entries are `embed(ids [W]) -> [W, D]` (the GPT's embedding lookup).
     """
-    t, _ = lod0.shape
+    t = lod0.shape[0]
     n1 = block_lod.shape[0]
     k = t // n1
     lod_of_block = block_lod.astype(jnp.int32)
-    counts = block_entry_counts(lod_of_block, k)
-    ends = jnp.cumsum(counts)
+    counts = block_entry_counts(lod_of_block, k, length)
+    ends = prefix_sum(counts)
     starts = ends - counts
     j = jnp.arange(capacity, dtype=jnp.int32)
-    b = jnp.clip(jnp.searchsorted(ends, j, side="right"), 0, n1 - 1).astype(jnp.int32)
+    method = "sort" if n1 > LONG else "scan"  # one sort kernel, not a loop of log2(N1) gathers
+    b = jnp.clip(jnp.searchsorted(ends, j, side="right", method=method), 0, n1 - 1).astype(jnp.int32)
     offset = j - starts[b]
     lod = lod_of_block[b]
     valid = j < ends[-1]
@@ -85,17 +112,24 @@ def assemble(
     # One gather from [lod0; lod1; lod2]. A WC shows every tree node at most once and padding
     # slots point past the table (distinct rows, filled with zeros), so the indices are unique:
     # the backward pass is a scatter without colliding writes.
-    levels = [lod0, lod1.astype(lod0.dtype)]
+    gists = [lod1]
     if lod2 is not None and lod2.shape[0] > 0:
-        levels.append(lod2.astype(lod0.dtype))
-    table = jnp.concatenate(levels)
-    src = jnp.where(lod == 0, pos, jnp.where(lod == 1, t + b, t + n1 + b // k))
-    src = jnp.where(valid, src, table.shape[0] + j)
-    emb = table.at[src].get(mode="fill", fill_value=0, unique_indices=True)
+        gists.append(lod2)
+    if embed is None:
+        table = jnp.concatenate([lod0] + [g.astype(lod0.dtype) for g in gists])
+        src = jnp.where(lod == 0, pos, jnp.where(lod == 1, t + b, t + n1 + b // k))
+        src = jnp.where(valid, src, table.shape[0] + j)
+        emb = table.at[src].get(mode="fill", fill_value=0, unique_indices=True)
+    else:  # token ids: LOD0 entries are looked up, gists gathered
+        tokens = embed(lod0[jnp.where(valid & (lod == 0), pos, 0)])
+        table = jnp.concatenate(gists).astype(tokens.dtype)
+        src = jnp.where(valid & (lod > 0), jnp.where(lod == 1, b, n1 + b // k), table.shape[0])
+        emb = jnp.where((valid & (lod == 0))[:, None], tokens, table.at[src].get(mode="fill", fill_value=0))
 
     pos = jnp.where(valid, pos, 0)
     span = jnp.where(valid, span, 0)
     target = pos + span
+    end = t if length is None else jnp.asarray(length, jnp.int32)
     return WorkingContext(
         emb=emb,
         lod=jnp.where(valid, lod, 0),
@@ -103,7 +137,7 @@ def assemble(
         span=span,
         valid=valid,
         target=jnp.where(valid, target, 0),
-        target_valid=valid & (target < t),
+        target_valid=valid & (target < end),
     )
 
 

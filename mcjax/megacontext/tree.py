@@ -17,6 +17,10 @@ so complete nodes equal `build_tree`'s and partial ones are GistNet over their r
 
 `gist_fn(x [..., K, D], mask [..., K] | None) -> [..., D]` is the compressor, e.g.
 `lambda x, mask=None: gistnet.apply(params, x, mask)`; mask True marks real entries.
+
+The runtime engine keeps token ids instead of embeddings in LOD0 (`empty_stream(...,
+ids=True)`: 4 bytes a token instead of 2·D) and passes `embed` (ids -> embeddings, the
+GPT's lookup) to `append`/`refresh`, which embed a block's tokens only to gist them.
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ def build_tree(gist_fn: GistFn, lod0: jnp.ndarray, k: int, max_lod: int = 2, tai
 class StreamTree(NamedTuple):
     """One growing history of capacity C tokens (C a multiple of K²; vmap for a batch).
 
-    lod0 [C, D]: embeddings, rows ≥ length are zeros. lod1 [C/K, D], lod2 [C/K², D] (0 rows
-    for max_lod 1): gists of the valid part of each block / superblock, zeros where empty.
-    length int32 []: valid tokens. K = C // lod1.shape[0].
+    lod0 [C, D]: embeddings, rows ≥ length are zeros — or token ids int32 [C] (the runtime
+    engine; `embed` turns them into embeddings where a gist needs them). lod1 [C/K, D],
+    lod2 [C/K², D] (0 rows for max_lod 1): gists of the valid part of each block /
+    superblock, zeros where empty. length int32 []: valid tokens. K = C // lod1.shape[0].
     """
 
     lod0: jnp.ndarray
@@ -93,8 +98,9 @@ class StreamTree(NamedTuple):
         return self.lod0.shape[0] // self.lod1.shape[0]
 
 
-def empty_stream(capacity: int, dim: int, dtype=jnp.float32, *, k: int, max_lod: int = 2) -> StreamTree:
-    """An empty StreamTree of `capacity` tokens of width `dim`, blocks of k tokens.
+def empty_stream(capacity: int, dim: int, dtype=jnp.float32, *, k: int, max_lod: int = 2, ids: bool = False) -> StreamTree:
+    """An empty StreamTree of `capacity` tokens of width `dim`, blocks of k tokens; with
+    `ids`, LOD0 holds token ids int32 [C] instead of embeddings.
 
     ValueError unless capacity is a positive multiple of k² (of k with max_lod 1).
     """
@@ -103,7 +109,7 @@ def empty_stream(capacity: int, dim: int, dtype=jnp.float32, *, k: int, max_lod:
         raise ValueError(f"stream capacity {capacity} must be a positive multiple of {unit}")
     n2 = capacity // (k * k) if max_lod >= 2 else 0
     return StreamTree(
-        lod0=jnp.zeros((capacity, dim), dtype),
+        lod0=jnp.zeros((capacity,), jnp.int32) if ids else jnp.zeros((capacity, dim), dtype),
         lod1=jnp.zeros((capacity // k, dim), dtype),
         lod2=jnp.zeros((n2, dim), dtype),
         length=jnp.zeros((), jnp.int32),
@@ -121,7 +127,7 @@ def check_append(tree: StreamTree, n_valid: int, n: int | None = None) -> None:
 
 
 def _write_rows(lod0: jnp.ndarray, new: jnp.ndarray, length, count) -> jnp.ndarray:
-    """lod0 [C, D] with rows length..length+count-1 replaced by new[:count] (new [n, D], n ≤ C).
+    """lod0 [C, ...] with rows length..length+count-1 replaced by new[:count] (new [n, ...], n ≤ C).
 
     Reads the n-row window that starts at length (clamped by dynamic_slice to fit), keeps
     old rows outside [length, length+count), and writes the window back.
@@ -131,45 +137,57 @@ def _write_rows(lod0: jnp.ndarray, new: jnp.ndarray, length, count) -> jnp.ndarr
     window = jax.lax.dynamic_slice_in_dim(lod0, start, n)
     src = start + jnp.arange(n) - length  # index into new of each window row
     take = (src >= 0) & (src < count)
-    rows = jnp.where(take[:, None], new[jnp.clip(src, 0, n - 1)].astype(lod0.dtype), window)
+    take = take.reshape(take.shape + (1,) * (new.ndim - 1))
+    rows = jnp.where(take, new[jnp.clip(src, 0, n - 1)].astype(lod0.dtype), window)
     return jax.lax.dynamic_update_slice_in_dim(lod0, rows, start, axis=0)
 
 
-def _regist(gist_fn: GistFn, level: jnp.ndarray, parent: jnp.ndarray, first, count: int, k: int, valid_children):
+def _regist(gist_fn: GistFn, level: jnp.ndarray, parent: jnp.ndarray, first, count: int, k: int, valid_children, lift=None):
     """Recompute `count` consecutive parents from index `first` (past-the-end ones dropped).
 
-    level [M*k, D] children; parent [M, D]; valid_children(child_index int [count, k]) -> bool
-    mask of real children. Returns the updated parent [M, D].
+    level [M*k, D] children (or [M*k] ids that `lift` embeds); parent [M, D];
+    valid_children(child_index int [count, k]) -> bool mask of real children. Returns the
+    updated parent [M, D].
     """
     idx = first + jnp.arange(count)  # [count]
     child = idx[:, None] * k + jnp.arange(k)  # [count, k]
-    x = level[jnp.clip(child, 0, level.shape[0] - 1)]  # [count, k, D]
+    x = level[jnp.clip(child, 0, level.shape[0] - 1)]  # [count, k, D] (or ids [count, k])
+    if lift is not None:
+        x = lift(x)
     gists = gist_fn(x, valid_children(child)).astype(parent.dtype)
     return parent.at[idx].set(gists, mode="drop")
 
 
-def append(gist_fn: GistFn, tree: StreamTree, new: jnp.ndarray, n_valid) -> StreamTree:
-    """Append the first n_valid of the n rows `new [n, D]` (n static, n_valid an int32 scalar,
-    traced or not) and refresh the touched gists. Jit-friendly: the work is a static
-    ceil(n/K)+1 LOD1 nodes and ceil((ceil(n/K)+1)/K)+1 LOD2 nodes whatever n_valid is.
+def append(gist_fn: GistFn, tree: StreamTree, new: jnp.ndarray, n_valid, embed=None) -> StreamTree:
+    """Append the first n_valid of the n rows `new [n, D]` (token ids [n] for an id tree,
+    with `embed`) — n static, n_valid an int32 scalar, traced or not — and refresh the
+    touched gists. Jit-friendly: the work is a static ceil(n/K)+1 LOD1 nodes and
+    ceil((ceil(n/K)+1)/K)+1 LOD2 nodes whatever n_valid is.
 
     n_valid is clamped to [0, n], and past capacity to the rows that fit: length stops at
     C and nothing earlier is overwritten (call `check_append` on the host to raise instead).
     """
-    c, k = tree.capacity, tree.block_size
+    c = tree.capacity
     n = new.shape[0]
     if n > c:
         raise ValueError(f"cannot append {n} rows to a stream of capacity {c}")
     length = tree.length.astype(jnp.int32)
     count = jnp.clip(jnp.asarray(n_valid, jnp.int32), 0, jnp.minimum(n, c - length))
-    end = length + count
-    lod0 = _write_rows(tree.lod0, new, length, count)
+    grown = tree._replace(lod0=_write_rows(tree.lod0, new, length, count), length=length + count)
+    return refresh(gist_fn, grown, length, n, embed)
 
-    first_block = length // k
+
+def refresh(gist_fn: GistFn, tree: StreamTree, start, n: int, embed=None) -> StreamTree:
+    """Recompute the gists over the rows start..start+n-1 (n static, start an int32
+    scalar): the blocks holding them and the superblocks over those, as `append` does after
+    writing them. The runtime engine writes decoded tokens one at a time and calls this
+    once per block of them. `embed` turns id rows into embeddings (id trees)."""
+    k, end = tree.block_size, tree.length
+    first_block = jnp.asarray(start, jnp.int32) // k
     nb = -(-n // k) + 1
-    lod1 = _regist(gist_fn, lod0, tree.lod1, first_block, nb, k, lambda pos: pos < end)
+    lod1 = _regist(gist_fn, tree.lod0, tree.lod1, first_block, nb, k, lambda pos: pos < end, embed)
     lod2 = tree.lod2
     if lod2.shape[0]:
         ns = -(-nb // k) + 1
         lod2 = _regist(gist_fn, lod1, lod2, first_block // k, ns, k, lambda blk: blk * k < end)
-    return StreamTree(lod0, lod1, lod2, end)
+    return tree._replace(lod1=lod1, lod2=lod2)
