@@ -62,8 +62,9 @@ def _attn_out_mlp(x, y, wo, w_fc, w_proj):
     return x + h @ w_proj
 
 
-def _layer(x, w, cos, sin, *, head_dim: int, attention: str, remat: str):
+def _layer(x, w, cos, sin, *, head_dim: int, attention: str, remat: str, kv: bool = False):
     """One pre-norm attention + relu² MLP layer. x [B, T, D]; w: the layer's matrices (compute dtype).
+    With `kv`, also returns the layer's keys and values [B, T, N, H] (a KV-cache prefill).
 
     remat "save_dots" checkpoints the two parts around attention (saving matmul outputs,
     recomputing norms, RoPE and relu² in the backward pass) while attention keeps its own
@@ -77,7 +78,8 @@ def _layer(x, w, cos, sin, *, head_dim: int, attention: str, remat: str):
     q, k, v = attn_in(x, w["wq"], w["wk"], w["wv"], cos, sin)
     impl = "cudnn" if attention == "cudnn" else None
     y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    return attn_out_mlp(x, y, w["wo"], w["w_fc"], w["w_proj"])
+    out = attn_out_mlp(x, y, w["wo"], w["w_fc"], w["w_proj"])
+    return (out, k, v) if kv else out
 
 
 def stacked(init):
