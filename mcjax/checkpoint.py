@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -56,6 +57,19 @@ class Checkpointer:
             ),
         )
         return out["state"], out["data"], out["meta"]
+
+    def param_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """Shape of every saved param of checkpoint `step`, keyed like
+        `jax.tree_util.keystr` of the params tree (None if the metadata cannot be read)."""
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        reader = ocp.CheckpointManager(self.directory, item_handlers=handlers)
+        try:
+            params = reader.item_metadata(step)["state"]["params"]
+        except Exception:  # noqa: BLE001 - metadata is a courtesy; the restore itself decides
+            return None
+        finally:
+            reader.close()
+        return {jax.tree_util.keystr(path): tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

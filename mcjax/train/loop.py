@@ -7,6 +7,7 @@ on tokens seen, so runs with different batch sizes stay comparable.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -21,19 +22,16 @@ from mcjax.data.pipeline import eval_batches, train_iterator
 from mcjax.data.prep import is_prepared, prepare, tokenizer_path
 from mcjax.data.tokenizer import Tokenizer
 from mcjax.errors import UserError
-from mcjax.model.gpt import build_gpt
-from mcjax.model.megacontext import build_megacontext
+from mcjax.restore import TOKENIZER
 from mcjax.telemetry import Telemetry
 from mcjax.telemetry.plots import plot_run
 from mcjax.telemetry.progress import Progress
 from mcjax.train import distributed
 from mcjax.train.flops import flops_per_token, mfu, peak_flops
 from mcjax.train.memory import device_memory
-from mcjax.train.optim import build_optimizer
-from mcjax.train.sharding import batch_sharding, global_batch, make_mesh, replicated
-from mcjax.train.state import abstract_state, create_state, state_shardings
+from mcjax.train.sharding import batch_sharding, global_batch, replicated
 from mcjax.train.mc_runner import MCRunner
-from mcjax.train.mc_step import initial_stats
+from mcjax.train.setup import build_parts, param_count
 from mcjax.train.step import jit_train_step, make_eval_step, make_train_step
 
 
@@ -77,13 +75,9 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
             f"{cfg.source_file}: training.batch_size {t.batch_size} does not split into "
             f"{accum} micro-steps on each of {procs} processes"
         )
-    mesh = make_mesh(cfg)
+    parts = build_parts(cfg)
+    mesh, model, tx, shardings = parts.mesh, parts.model, parts.tx, parts.shardings
     mc_on = cfg.megacontext.enabled
-    model = build_megacontext(cfg) if mc_on else build_gpt(cfg)
-    tx = build_optimizer(cfg)
-    stats = initial_stats if mc_on else None
-    sample = jnp.zeros((1, T), jnp.int32)
-    shardings = state_shardings(model, tx, mesh, sample, stats)
     train_sh = batch_sharding(mesh, leading=1)  # [A, B, T+1]
     eval_sh = batch_sharding(mesh, leading=0)  # [B, T+1]
 
@@ -106,13 +100,13 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
         process_count=procs,
     )
     if latest is not None:
-        state, data_state, _ = ckpt.restore(abstract_state(model, tx, shardings, sample, stats), latest)
+        state, data_state, _ = parts.restore(ckpt, latest)
         data.set_state(data_state)
         log(f"resumed '{cfg.run}' from step {latest} ({ckpt_dir})")
     else:
         if resume:
             log(f"no checkpoint of '{cfg.run}' yet: starting from step 0")
-        state = create_state(model, tx, shardings, t.seed, sample, stats)
+        state = parts.fresh()
     start = int(state.step)
 
     if mc_on:
@@ -155,8 +149,10 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
     fpt = flops_per_token(cfg.base_model.depth, cfg.model_dim, cfg.dataset.vocab_size, T)
     peak = peak_flops()
     telemetry = Telemetry(cfg, run_dir, resume_step=start if latest is not None else None, is_main=is_main)
+    if is_main:  # the run carries its tokenizer: generate and infer read it from here
+        shutil.copyfile(tokenizer_path(cfg), run_dir / TOKENIZER)
     progress = Progress(total, initial=start, enabled=is_main and cfg.telemetry.progress)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_params = param_count(state.params)
     log(
         f"run '{cfg.run}': {n_params / 1e6:.2f}M params, {jax.device_count()} device(s) "
         f"{dict(mesh.shape)}, {total} steps × {cfg.tokens_per_step} tokens, "
