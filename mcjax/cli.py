@@ -1,8 +1,9 @@
-"""`mcjax <command>`: prep, train and bench; eval and infer plug in the same way.
+"""`mcjax <command>`: prep, train and bench on a config; generate and infer on a trained run.
 
-Every command takes `--config FILE` and trailing `a.b=value` overrides. Errors a user
-can cause are printed as one line (`mcjax: error: ...`) with exit code 2, never a
-traceback.
+prep, train and bench take `--config FILE`; generate and infer take `--run RUN` (a run
+name under artifacts/runs/ or a run directory). All take trailing `a.b=value`
+overrides. Errors a user can cause are printed as one line (`mcjax: error: ...`) with
+exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ def cmd_bench(args) -> None:
     bench_main(cfg, batch=args.batch, wc_length=wc, steps=args.steps, json_path=args.json)
 
 
+def cmd_generate(args) -> None:
+    from mcjax.runtime.cli import generate
+
+    generate(args)
+
+
+def cmd_infer(args) -> None:
+    from mcjax.runtime.cli import infer
+
+    infer(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -71,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wc-length", type=float, default=0.0, help="variant length × context_tokens (default megacontext.train_wc_length)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per mode after 3 warm-up steps, in runs of 4 (default 12)")
     p.add_argument("--json", default="", help="also write the results here")
+
+    def run_command(name: str, fn, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--run", required=True, help="a run name under artifacts/runs/, or a run directory")
+        p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+        p.add_argument("--engine", default="auto", help="mc (MegaContext) or plain (sliding-window GPT); default: the run's kind")
+        p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
+        p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all (default 50)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides of the run's config (runtime.*, allocator.*)")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = run_command("generate", cmd_generate, "continue a prompt with a trained run, streaming the text to stdout")
+    p.add_argument("--prompt", default=None, help="the prompt text")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p = run_command("infer", cmd_infer, "stream documents through ingest and refocus, writing runtime telemetry")
+    p.add_argument("--input", required=True, action="append", help="a file or glob of documents (.txt, .py, ...), one stream each; repeat for more")
+    p.add_argument("--generate", type=int, default=0, help="after each document, generate this many tokens (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="documents streamed side by side (default 1)")
     return parser
 
 

@@ -110,6 +110,18 @@ class AllocatorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """The runtime engine (`mcjax/runtime`): streaming a history, refocusing, generating."""
+
+    max_tokens: int = 65536  # history capacity of a stream, tokens (rounded up to whole superblocks)
+    refocus_interval: int = 32  # tokens decoded between refocuses; a multiple of dataset.block_size
+    ingest_chunk: int = 8192  # most tokens appended to the tree per ingest step (LensNet + allocator after each)
+    collapse_margin: int = -1  # when forced collapses must make room, free this many entries more (fewer cache rebuilds); -1 = W_max/16
+    prefill_buckets: int = 2  # cache rebuild sizes after a refocus: W, W/16, W/256, ... (1 = always the whole WC)
+    lod_strip_every: int = 8  # refocuses between LOD strips in `mcjax infer` (0 = never)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     batch_size: int = 8  # sequences per optimizer step, across all devices
     micro_batch_size: int = 0  # sequences per forward/backward pass; 0 = batch_size
@@ -172,6 +184,7 @@ class Config:
     lensnet: LensNetConfig = LensNetConfig()
     megacontext: MegaContextConfig = MegaContextConfig()
     allocator: AllocatorConfig = AllocatorConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     training: TrainingConfig = TrainingConfig()
     mesh: MeshConfig = MeshConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -470,6 +483,63 @@ def _validate_megacontext(cfg: Config, fail) -> None:
             fail(f"allocator.{key}", f"must be in [0, 1] (scores are tanh), got {getattr(al, key)}")
     if al.temperature <= 0:
         fail("allocator.temperature", f"must be > 0, got {al.temperature}")
+    _validate_runtime_keys(cfg, fail)
+
+
+def _validate_runtime_keys(cfg: Config, fail) -> None:
+    rt, k = cfg.runtime, cfg.dataset.block_size
+    if rt.max_tokens < 1:
+        fail("runtime.max_tokens", f"must be ≥ 1, got {rt.max_tokens}")
+    if rt.refocus_interval < k or rt.refocus_interval % k:
+        fail("runtime.refocus_interval", f"must be a positive multiple of dataset.block_size ({k}), got {rt.refocus_interval}")
+    if rt.ingest_chunk < 1:
+        fail("runtime.ingest_chunk", f"must be ≥ 1, got {rt.ingest_chunk}")
+    if rt.collapse_margin < -1:
+        fail("runtime.collapse_margin", f"must be ≥ 0 (or -1 = W_max/16), got {rt.collapse_margin}")
+    if rt.prefill_buckets < 1:
+        fail("runtime.prefill_buckets", f"must be ≥ 1, got {rt.prefill_buckets}")
+    if rt.lod_strip_every < 0:
+        fail("runtime.lod_strip_every", f"must be ≥ 0 (0 = never), got {rt.lod_strip_every}")
+
+
+def runtime_capacity(cfg: Config) -> int:
+    """Tokens a runtime stream holds: runtime.max_tokens rounded up to whole superblocks
+    (whole blocks with max_lod 1), as the streaming tree needs."""
+    k = cfg.dataset.block_size
+    unit = k * k if cfg.megacontext.max_lod >= 2 else k
+    return -(-cfg.runtime.max_tokens // unit) * unit
+
+
+def collapse_margin(cfg: Config) -> int:
+    """runtime.collapse_margin, with -1 resolved to W_max // 16."""
+    m = cfg.runtime.collapse_margin
+    return cfg.wc_capacity // 16 if m < 0 else m
+
+
+def validate_runtime(cfg: Config) -> None:
+    """Checks of the MegaContext runtime engine that training does not need: after every
+    refocus the working context keeps `refocus_interval` free entries for the next decoded
+    tokens (and `collapse_margin` when it had to collapse), and within that budget even the
+    most compressed layout of a `max_tokens` history must fit. ConfigError naming key and file."""
+    rt, mc, k = cfg.runtime, cfg.megacontext, cfg.dataset.block_size
+    margin = collapse_margin(cfg)
+    budget = cfg.wc_capacity - rt.refocus_interval - margin
+    where = cfg.source_file
+    if budget < mc.recent_tokens + k:
+        raise ConfigError(
+            f"{where}: megacontext.wc_capacity: W_max {cfg.wc_capacity} − runtime.refocus_interval "
+            f"{rt.refocus_interval} − runtime.collapse_margin {margin} = {budget} entries is smaller "
+            f"than the protected tail ({mc.recent_tokens}) plus one block ({k})"
+        )
+    blocks = -(-rt.max_tokens // k)
+    tail = mc.recent_tokens + k  # a partly filled last block lengthens the raw tail by up to one block
+    least = max(min_wc_entries(n, k, min(tail, n * k), mc.max_lod) for n in range(1, blocks + 1))
+    if least > budget:
+        raise ConfigError(
+            f"{where}: runtime.max_tokens: the most compressed layout of {rt.max_tokens:,} tokens needs "
+            f"{least:,} entries, more than the {budget:,} that W_max {cfg.wc_capacity} leaves after "
+            f"runtime.refocus_interval {rt.refocus_interval} and runtime.collapse_margin {margin}"
+        )
 
 
 def _validate_mc_training(cfg: Config, fail) -> None:

@@ -77,5 +77,14 @@ def test_main_default_out_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_panels_shape() -> None:
-    assert [stem for stem, _, _ in PANELS] == ["loss", "delta_nll", "lens"]
+    assert [stem for stem, _, _ in PANELS] == ["loss", "delta_nll", "lens", "focus", "latency"]
     assert all(title and names for _, title, names in PANELS)
+
+
+def test_lod_timeline_png(tmp_path: Path) -> None:
+    from mcjax.telemetry.plots import plot_lod_timeline
+
+    layouts = np.array([[0, 0, -1, -1], [1, 0, 0, -1], [2, 2, 1, 0]])
+    out = plot_lod_timeline(layouts, [1, 2, 3], tmp_path / "sub" / "lod.png", title="t")
+    assert out == tmp_path / "sub" / "lod.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "sub").glob(".*tmp"))

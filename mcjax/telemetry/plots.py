@@ -48,6 +48,8 @@ PANELS: tuple[tuple[str, str, list[str]], ...] = (
             "mc/policy_score_std_mean",
         ],
     ),
+    ("focus", "Runtime swap rate (actions per LOD1 block, per refocus)", ["runtime/swap_rate"]),
+    ("latency", "Runtime latency per decode block (ms)", ["runtime/latency_ms", "runtime/latency_p99"]),
 )
 
 _NOT_METRICS = frozenset({"step", "time"})
@@ -133,6 +135,33 @@ def plot_run(metrics_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         _save_atomic(fig, path)
         written.append(path)
     return written
+
+
+def plot_lod_timeline(layouts: np.ndarray, steps: Sequence[int], path: str | os.PathLike[str], *, title: str) -> Path:
+    """A picture of focus over time: one row per refocus (`steps`), one column per block,
+    coloured by level of detail (LOD0 / LOD1 / LOD2; absent blocks blank).
+
+    layouts int [S, N1] with -1 for blocks not yet present. Written atomically.
+    """
+    from matplotlib.colors import ListedColormap
+
+    lay = np.asarray(layouts, np.float64)
+    lay[lay < 0] = np.nan
+    fig = Figure(figsize=(10, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = ListedColormap(["#2b83ba", "#fdae61", "#d7191c"]).with_extremes(bad="white")
+    image = ax.imshow(lay, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=2.5,
+                      extent=(0, lay.shape[1], steps[-1] + 0.5, steps[0] - 0.5))
+    bar = fig.colorbar(image, ax=ax, ticks=[0, 1, 2])
+    bar.ax.set_yticklabels(["LOD0 (tokens)", "LOD1 (gist of 32)", "LOD2 (gist of 1024)"])
+    ax.set_xlabel("block (32 tokens), oldest left")
+    ax.set_ylabel("refocus")
+    ax.set_title(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(fig, out)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

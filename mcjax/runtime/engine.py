@@ -1,0 +1,212 @@
+"""The runtime engine's host side: one object that streams B histories through a trained run.
+
+    from mcjax.runtime import Engine, Sampling
+    engine = Engine.from_run("tiny_mc_cpu", kind="mc", batch=1)   # or kind="plain"
+    engine.ingest([engine.encode("a long document ...")])          # one token list per stream
+    for block in engine.generate(128, Sampling(temperature=0.8, top_k=50), seed=0):
+        print(engine.tokenizer.decode(block[0]), end="")           # int32 [B, R] per block
+
+It holds the device state (`mc.MCState` or `plain.PlainState`) and the jitted programs
+(ingest, generate, and for MegaContext the cache rebuilds; the state donated to each),
+picks the rebuild each block needs from the size the previous block reported, cuts
+prompts into chunks of at most `runtime.ingest_chunk` tokens (a power of two ≥ 64 for
+shorter prompts, so a few program sizes serve every prompt), checks capacities before
+anything runs (one clear error),
+and — when a `Monitor` is attached — times every call between device synchronisations and
+hands the refocus statistics and layouts to it (runtime telemetry, traces, LOD strips).
+Generation goes by whole blocks of R = `runtime.refocus_interval` tokens: a stream holds
+every token of every block it generated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax.config import runtime_capacity, validate_runtime
+from mcjax.errors import UserError
+from mcjax.restore import LoadedRun, load_run
+from mcjax.runtime.mc import MCRuntime
+from mcjax.runtime.plain import PlainRuntime
+from mcjax.runtime.sampling import Sampling, stream_keys
+
+KINDS = ("auto", "mc", "plain")
+
+
+def _compute_params(params, dtype):
+    """Float params in the compute dtype, cast once (decode reads every weight per token)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+_PROGRAMS: dict = {}
+
+
+def _programs(kind: str, model, cfg):
+    """The runtime's device functions and its jitted programs (ingest, generate, rebuild,
+    pending; the state donated), built once per (engine kind, model, config) in a process, so engines
+    made again for the same run (a notebook, a test) reuse their compilations."""
+    key = (kind, model, repr(sorted(cfg.to_dict().items())))
+    if key not in _PROGRAMS:
+        mc = kind == "mc"
+        rt = MCRuntime(model, cfg) if mc else PlainRuntime(model, cfg)
+        _PROGRAMS[key] = (
+            rt,
+            jax.jit(rt.ingest, donate_argnums=1),
+            jax.jit(rt.generate, static_argnums=2, donate_argnums=1),
+            jax.jit(rt.rebuild, static_argnums=2, donate_argnums=1) if mc else None,
+            jax.jit(rt.pending) if mc else None,
+        )
+    return _PROGRAMS[key]
+
+
+class Engine:
+    """B streams through a trained run (see the module doc). kind: "mc" (MegaContext),
+    "plain" (the GPT with a W_max-entry sliding-window cache) or "auto" (mc for a
+    MegaContext run, else plain)."""
+
+    def __init__(self, run: LoadedRun, *, kind: str = "auto", batch: int = 1, seed: int = 0):
+        cfg = run.cfg
+        if kind not in KINDS:
+            raise UserError(f"unknown engine '{kind}': choose mc or plain")
+        if kind == "auto":
+            kind = "mc" if run.megacontext else "plain"
+        if kind == "mc" and not run.megacontext:
+            raise UserError(
+                f"run '{run.run_dir.name}' trained a plain GPT (megacontext.enabled is false in "
+                f"{cfg.source_file}): it has no GistNet or LensNet; use --engine plain"
+            )
+        if batch < 1:
+            raise UserError(f"batch {batch}: must be ≥ 1")
+        self.run, self.cfg, self.kind, self.batch = run, cfg, kind, batch
+        self.tokenizer = run.tokenizer
+        gpt = run.model.gpt if run.megacontext else run.model
+        if kind == "mc":
+            validate_runtime(cfg)
+            params = run.params
+            self.capacity = runtime_capacity(cfg)
+        else:
+            params = {"gpt": run.params["gpt"] if run.megacontext else run.params}
+            self.capacity = 2**31 - 1 - cfg.runtime.refocus_interval  # a ring: positions are the only limit
+        self.rt, self._ingest, self._generate, self._rebuild, self._pending_fn = _programs(
+            kind, run.model if kind == "mc" else gpt, cfg
+        )
+        self.params = _compute_params(params, gpt.dtype)
+        self.block = cfg.runtime.refocus_interval
+        self.chunk = cfg.runtime.ingest_chunk if kind == "mc" else min(cfg.runtime.ingest_chunk, cfg.wc_capacity)
+        self.monitor = None
+        self.reset(seed)
+
+    @classmethod
+    def from_run(cls, run: str, overrides: Sequence[str] = (), *, step: int | None = None, **kwargs) -> Engine:
+        """Restore `run` (a run name or directory; `mcjax.restore.load_run`) and build its engine."""
+        return cls(load_run(run, overrides, step), **kwargs)
+
+    def reset(self, seed: int = 0) -> None:
+        """Empty every stream; `seed` seeds each stream's sampling key."""
+        self.state = self.rt.init(self.batch, seed)
+        self.lengths = np.zeros(self.batch, np.int64)  # host mirror of the tokens each stream holds
+        self._pending: int | None = 0  # cache slots the next rebuild needs (None: ask the device)
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        """Token ids of `text`, after <|bos|> (as every training document starts)."""
+        return ([self.tokenizer.bos_id] if bos else []) + self.tokenizer.encode_batch([text])[0]
+
+    # ------------------------------------------------------------------ streaming
+    def ingest(self, streams: Sequence[Sequence[int]], progress=None) -> None:
+        """Append streams[i] (token ids) to stream i, in chunks of `runtime.ingest_chunk`.
+        `progress(tokens)` is called after each chunk with the tokens it added."""
+        if len(streams) != self.batch:
+            raise UserError(f"{len(streams)} prompts for an engine of {self.batch} streams")
+        arrays = [np.asarray(s, np.int32).reshape(-1) for s in streams]
+        vocab = self.cfg.dataset.vocab_size
+        for i, a in enumerate(arrays):
+            if self.lengths[i] + a.size > self.capacity:
+                raise UserError(
+                    f"stream {i}: {a.size:,} new tokens after {self.lengths[i]:,} held exceed runtime.max_tokens "
+                    f"({self.cfg.runtime.max_tokens:,}; set runtime.max_tokens=N)"
+                )
+            if a.size and not (0 <= a.min() and a.max() < vocab):
+                raise UserError(f"stream {i}: token ids must lie in [0, {vocab}), got {a.min()}..{a.max()}")
+        longest = max((a.size for a in arrays), default=0)
+        p = min(self.chunk, max(64, 1 << max(longest - 1, 0).bit_length()))  # a short prompt: a small program
+        for c in range(-(-longest // p)):
+            chunk = np.zeros((self.batch, p), np.int32)
+            n_valid = np.zeros(self.batch, np.int32)
+            for i, a in enumerate(arrays):
+                part = a[c * p : (c + 1) * p]
+                chunk[i, : part.size], n_valid[i] = part, part.size
+            t0 = time.perf_counter()
+            self.state, stats = self._ingest(self.params, self.state, jnp.asarray(chunk), jnp.asarray(n_valid))
+            self.lengths += n_valid
+            self._pending = None
+            if self.monitor is not None:
+                self._report("ingest", stats, t0, tokens=int(n_valid.sum()))
+            if progress is not None:
+                progress(int(n_valid.sum()))
+
+    def generate(self, max_new_tokens: int, sampling: Sampling = Sampling(), *,
+                 seed: int | Sequence[int] | None = None) -> Iterator[np.ndarray]:
+        """Decode ceil(max_new_tokens / R) blocks of R tokens per stream, yielding each block
+        (int32 [B, R]) as it completes; every stream must hold a prompt. `seed` re-seeds
+        the streams' sampling keys: one seed for all, or one per stream (`stream_keys`)."""
+        try:
+            sampling.check()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+        blocks = -(-max_new_tokens // self.block)
+        empty = np.flatnonzero(self.lengths == 0)
+        if blocks and empty.size:
+            raise UserError(f"stream {empty[0]} holds no tokens: ingest a prompt first (at least <|bos|>)")
+        over = np.flatnonzero(self.lengths + blocks * self.block > self.capacity)
+        if blocks and over.size:
+            i = over[0]
+            raise UserError(
+                f"stream {i}: {self.lengths[i]:,} tokens + {blocks * self.block:,} to generate exceed "
+                f"runtime.max_tokens ({self.cfg.runtime.max_tokens:,})"
+            )
+        if seed is not None:
+            try:
+                keys = stream_keys(seed, self.batch)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            self.state = self.state._replace(keys=keys)
+        for _ in range(blocks):
+            t0 = time.perf_counter()
+            rebuilt = self.sync()
+            self.state, toks, stats = self._generate(self.params, self.state, sampling)
+            toks = np.asarray(toks)  # waits for the block: the latency a streaming reader sees
+            self.lengths += self.block
+            if self.kind == "mc":
+                self._pending = int(stats["pending"][0])
+                stats = {**stats, "rebuilt": np.full(self.batch, rebuilt)}
+            if self.monitor is not None:
+                self._report("decode", stats, t0, tokens=toks.size)
+            yield toks
+
+    def sync(self) -> int:
+        """Bring the KV cache up to date with the layout (generate does it before every block);
+        returns the cache slots recomputed."""
+        if self.kind != "mc":
+            return 0
+        size = int(self._pending_fn(self.params, self.state)) if self._pending is None else self._pending
+        if size:
+            self.state = self._rebuild(self.params, self.state, size)
+        self._pending = 0
+        return size
+
+    def next_logits(self) -> np.ndarray:
+        """f32 [B, V]: the next-token logits of every stream, from the synced cache."""
+        self.sync()
+        return np.asarray(self.state.logits)
+
+    def _report(self, phase: str, stats, t0: float, *, tokens: int) -> None:
+        stats = jax.device_get(stats)  # waits for the call: t0 → now is its latency
+        ms = (time.perf_counter() - t0) * 1e3
+        layout = jax.device_get((self.state.block_lod, self.state.last_changed, self.state.step)) if self.kind == "mc" else None
+        self.monitor.record(phase, stats, ms, tokens=tokens, lengths=self.lengths.copy(), layout=layout)

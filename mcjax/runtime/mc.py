@@ -1,0 +1,301 @@
+"""The MegaContext engine on the device: B streams of history, each with its LOD tree, its
+working-context layout and the base model's KV cache of that working context, advanced
+by jitted programs (`ingest`, `rebuild`, `generate`; the host driver is `engine.py`).
+
+State per stream (`MCState`, leading batch axis B; C = runtime capacity in tokens, N1 =
+C/K blocks, W = W_max):
+  tree          token ids int32 [C] + gists lod1 [C/K, D], lod2 [C/K², D] + length: the
+                streaming tree (`megacontext/tree.py`), gists recomputed only where
+                blocks changed;
+  block_lod     int8 [N1]: the working context's layout over the blocks present (absent
+                blocks stay 0 and are never edited); last_changed int32 [N1] (cooldown,
+                residency); step int32: the stream's refocuses so far (an ingest chunk
+                with nothing for a stream leaves it alone, so a stream evolves the same
+                in any batch);
+  cache         the GPT's keys/values of the working context, slot j = entry j
+                (`model/kv_cache.py`), with the identity of each slot's entry
+                (cache_pos, cache_lod) and the slots in use (cache_n); logits f32 [V]:
+                the next-token distribution after the last cached entry; keys: a PRNG key.
+
+How they move:
+  ingest(chunk)  append up to P tokens to each tree (new blocks enter at LOD0), LensNet
+                 scores the working context (capacity W + P), refocus. No base model:
+                 only the final working context needs a cache, and `rebuild` makes it.
+  rebuild(size)  bring the cache up to date with the layout. Entries carry their global
+                 positions, so a cache row stays valid while its entry and every entry
+                 before it are unchanged: recompute from the first slot that differs — a
+                 suffix of `size` slots, one of `prefill_sizes` (W/16^i), the whole working
+                 context being a plain causal prefill. `pending` computes the size needed;
+                 the host picks the program (no device conditional: on GPU a conditional
+                 costs a host round trip and copies of what passes through it).
+  generate       on a synced cache, decode R = refocus_interval tokens in one `lax.scan`
+                 (sampling included), refresh the gists of the blocks they filled, refocus,
+                 and report the rebuild size the next block needs (it travels back with
+                 the tokens, so choosing costs no extra synchronisation).
+
+Refocus: LensNet scores every entry; the focus allocator (`megacontext/allocator.py`,
+`length` = the tokens present) edits the layout within the budget W − R, so the next R
+decoded tokens always fit in the cache. When the new tokens overflow that budget, forced
+collapses make room — down to W − R − collapse_margin, so the next overflow (and its
+rebuild from an early slot) comes that many entries later. The budget is hard (the cache
+has W slots): if cooldown blocks every collapse that could make room, up to two further
+passes ignore cooldown (but never the tail) and take forced collapses only
+(`budget_overrides` counts their collapses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mcjax.config import collapse_margin, runtime_capacity
+from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed, refocus, residency
+from mcjax.megacontext.layout import WorkingContext, assemble, block_entry_counts
+from mcjax.megacontext.tree import StreamTree, append, empty_stream, refresh
+from mcjax.model import kv_cache as kc
+from mcjax.model.megacontext import MegaContextModel
+from mcjax.runtime.sampling import Sampling, sample, stream_keys
+
+
+class MCState(NamedTuple):
+    tree: StreamTree
+    block_lod: jnp.ndarray
+    last_changed: jnp.ndarray
+    step: jnp.ndarray
+    cache: kc.KVCache
+    cache_pos: jnp.ndarray
+    cache_lod: jnp.ndarray
+    cache_n: jnp.ndarray
+    logits: jnp.ndarray
+    keys: jax.Array
+
+
+def prefill_sizes(w: int, buckets: int) -> tuple[int, ...]:
+    """Cache-rebuild sizes, smallest first: 0 (nothing changed), W/16^(n-1), …, W/16, W.
+
+    A suffix of S slots attends to the cache with XLA's attention over S × (W + S) logits,
+    while the whole WC is a causal prefill with cuDNN's flash attention; only short
+    suffixes win (H100, d12, W = 8,192, batch 1: 512 slots 4.8 ms, 2,048 slots 15.4 ms,
+    the whole WC 6.9 ms; bench/RESULTS.md), hence the steep spacing."""
+    return (0,) + tuple(sorted({max(w // 16**i, 1) for i in range(buckets)}))
+
+
+def _voluntary(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc: AllocatorParams, high: int, margin: int):
+    """The allocator's refocus within the budget: W − R, or W − R − margin when the new
+    tokens overflow it. -> (lod, last_changed, refocus stats, budget)."""
+    now = entries(lod, alloc.k, length)
+    budget = jnp.where(now > high, high - margin, high)
+    p = dataclasses.replace(alloc, w_max=budget)
+    new, last, st = refocus(lod, wc, scores, last_changed, step, jax.random.fold_in(key, step), p, length=length)
+    return new, last, {**st, "entries_before": now}, budget
+
+
+def _fit(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc: AllocatorParams, budget, high: int):
+    """Make a layout still over W − R fit, ignoring cooldown (never the tail): up to two
+    passes of forced collapses only (LOD0 → LOD1 → LOD2). -> (lod, last_changed, collapses)."""
+    forced = dataclasses.replace(alloc, w_max=budget, cooldown_steps=0, expand_threshold=2.0, collapse_threshold=2.0,
+                                 iterations=1)  # forced collapses all happen in a pass's first round
+    overrides = jnp.zeros((), jnp.int32)
+    for i in range(2):
+        over = entries(lod, alloc.k, length) > high
+        f_lod, f_last, f_st = refocus(lod, wc, scores, last_changed, step, jax.random.fold_in(jax.random.fold_in(key, step), 2**31 + i), forced, length=length)
+        lod, last_changed = jnp.where(over, f_lod, lod), jnp.where(over, f_last, last_changed)
+        overrides += jnp.where(over, f_st["num_collapses"], 0)
+    return lod, last_changed, overrides
+
+
+def _summary(lod, last_changed, st, overrides, length, step, alloc: AllocatorParams, high: int) -> dict:
+    """Per-stream refocus statistics (scalars; see `monitor.py` for their meaning)."""
+    k = alloc.k
+    after = entries(lod, k, length)
+    blocks = length // k
+    actions = st["num_expands"] + st["num_collapses"] + overrides
+    complete = jnp.arange(lod.shape[0]) < blocks
+    return {
+        "num_expands": st["num_expands"],
+        "num_collapses": st["num_collapses"] + overrides,
+        "num_forced_collapses": st["num_forced_collapses"] + overrides,
+        "budget_overrides": overrides,
+        "entries_before": st["entries_before"],
+        "entries_after": after,
+        "blocks": blocks,
+        "swap_rate": actions.astype(jnp.float32) / jnp.maximum(blocks, 1),
+        "token_budget_utilization": after.astype(jnp.float32) / alloc.w_max,
+        "mean_residency": jnp.where(complete, residency(last_changed, step), 0).sum() / jnp.maximum(blocks, 1).astype(jnp.float32),
+        "over_budget": after > high,
+    }
+
+
+def allocate(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc: AllocatorParams, high: int, margin: int):
+    """One stream's refocus at run time (see the module doc). lod int8 [N1]; wc and scores
+    [W']: its working context and LensNet's scores; last_changed int32 [N1]; length, step
+    int32 []; alloc.w_max = W_max; high = W_max − R. -> (lod, last_changed, stats: scalars).
+    The engine runs the same three parts batched."""
+    new, last, st, budget = _voluntary(lod, wc, scores, last_changed, length, step, key, alloc, high, margin)
+    new, last, overrides = _fit(new, wc, scores, last, length, step, key, alloc, budget, high)
+    return new, last, _summary(new, last, st, overrides, length, step, alloc, high)
+
+
+class MCRuntime:
+    """Pure device functions of the MegaContext engine for one config (see the module doc)."""
+
+    def __init__(self, model: MegaContextModel, cfg):
+        self.gpt, self.gistnet, self.lensnet = model.gpt, model.gistnet, model.lensnet
+        self.cfg = cfg
+        rt = cfg.runtime
+        self.k = cfg.dataset.block_size
+        self.w = cfg.wc_capacity
+        self.r = rt.refocus_interval
+        self.capacity = runtime_capacity(cfg)
+        self.max_lod = cfg.megacontext.max_lod
+        self.gaussian = cfg.megacontext.rope == "gaussian"
+        self.margin = collapse_margin(cfg)
+        self.sizes = prefill_sizes(self.w, rt.prefill_buckets)
+        self.alloc = AllocatorParams.from_config(cfg)
+
+    # ------------------------------------------------------------------ state
+    def init(self, batch: int, seed: int = 0) -> MCState:
+        k, w, n1 = self.k, self.w, self.capacity // self.k
+        tree = empty_stream(self.capacity, self.gpt.dim, self.gpt.dtype, k=k, max_lod=self.max_lod, ids=True)
+        tree = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), tree)
+        return MCState(
+            tree=tree,
+            block_lod=jnp.zeros((batch, n1), jnp.int8),
+            last_changed=jnp.broadcast_to(never_changed(n1), (batch, n1)),
+            step=jnp.zeros((batch,), jnp.int32),
+            cache=kc.empty_cache(self.gpt, batch, w),
+            cache_pos=jnp.zeros((batch, w), jnp.int32),
+            cache_lod=jnp.zeros((batch, w), jnp.int32),
+            cache_n=jnp.zeros((batch,), jnp.int32),
+            logits=jnp.zeros((batch, self.gpt.vocab_size), jnp.float32),
+            keys=stream_keys(seed, batch),
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _embed(self, params):
+        return lambda ids: kc.embed(self.gpt, params["gpt"], ids)
+
+    def _gist(self, params):
+        return lambda x, mask=None: self.gistnet.apply({"params": params["gistnet"]}, x, mask)
+
+    def working_context(self, params, state: MCState, capacity: int) -> WorkingContext:
+        """The working contexts the layouts describe, [B, capacity]."""
+        embed = self._embed(params)
+        one = lambda lod, ids, l1, l2, n: assemble(lod, ids, l1, l2, capacity, length=n, embed=embed)  # noqa: E731
+        t = state.tree
+        return jax.vmap(one)(state.block_lod, t.lod0, t.lod1, t.lod2, t.length)
+
+    def _refocus(self, params, state: MCState, capacity: int, active) -> tuple[MCState, dict]:
+        """LensNet scores the WCs (capacity `capacity`); the allocator edits the layouts of the
+        `active` [B] streams (the others, and their step counters, stay as they are)."""
+        wc = self.working_context(params, state, capacity)
+        scores = self.lensnet.apply({"params": params["lensnet"]}, wc)
+        high, alloc, t = self.w - self.r, self.alloc, state.tree
+        args = (wc, scores)
+        lod, last, st, budget = jax.vmap(lambda *a: _voluntary(*a, alloc, high, self.margin))(
+            state.block_lod, *args, state.last_changed, t.length, state.step, state.keys
+        )
+
+        lod, last, overrides = jax.vmap(lambda l, w, s, c, n, i, k, b: _fit(l, w, s, c, n, i, k, alloc, b, high))(
+            lod, *args, last, t.length, state.step, state.keys, budget
+        )
+        stats = jax.vmap(lambda *a: _summary(*a, alloc, high))(lod, last, st, overrides, t.length, state.step)
+        keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+        state = state._replace(
+            block_lod=keep(lod, state.block_lod), last_changed=keep(last, state.last_changed), step=state.step + active
+        )
+        return state, {**stats, "active": active}
+
+    # ------------------------------------------------------------------ programs
+    def ingest(self, params, state: MCState, chunk: jnp.ndarray, n_valid: jnp.ndarray) -> tuple[MCState, dict]:
+        """Append chunk int32 [B, P] (the first n_valid [B] tokens of each row) and refocus."""
+        gist, embed = self._gist(params), self._embed(params)
+        tree = jax.vmap(lambda t, c, n: append(gist, t, c, n, embed))(state.tree, chunk, n_valid)
+        return self._refocus(params, state._replace(tree=tree), self.w + chunk.shape[1], n_valid > 0)
+
+    def _unchanged(self, params, state: MCState):
+        """(the working contexts [B, W], their cached prefix that is still valid [B], their
+        entries [B])."""
+        wc = self.working_context(params, state, self.w)
+        slots = jnp.arange(self.w)
+        same = wc.valid & (slots < state.cache_n[:, None]) & (wc.pos == state.cache_pos) & (wc.lod == state.cache_lod)
+        first = jnp.where(same.all(axis=1), self.w, jnp.argmin(same, axis=1)).astype(jnp.int32)
+        return wc, first, wc.valid.sum(axis=1).astype(jnp.int32)
+
+    def pending(self, params, state: MCState) -> jnp.ndarray:
+        """int32 []: the smallest of `sizes` that `rebuild` needs to bring every stream's cache up
+        to date with its layout (0: nothing changed). Only the WC's metadata is computed."""
+        _, first, count = self._unchanged(params, state)
+        return self._size(count - first)
+
+    def _size(self, need) -> jnp.ndarray:
+        """The smallest rebuild size ≥ every stream's need [B]."""
+        sizes = jnp.asarray(self.sizes, jnp.int32)
+        return sizes[jnp.searchsorted(sizes, jnp.max(need), side="left")]
+
+    def rebuild(self, params, state: MCState, size: int) -> MCState:
+        """Recompute `size` cache slots (static: one of `sizes`, chosen on the host from
+        `pending`) from each stream's first changed entry — the whole WC when size = W.
+        Entries keep their global positions, so the rows before stay valid."""
+        gpt, w, p = self.gpt, self.w, params["gpt"]
+        wc, first, count = self._unchanged(params, state)
+        spans = (lambda x: x) if self.gaussian else (lambda x: None)
+        if size == w:
+            hidden, cache = kc.prefill(gpt, p, wc.emb, wc.pos, spans(wc.span))
+            start = jnp.zeros_like(first)
+        else:
+            start = jnp.minimum(first, w - size)  # [B]; rows start..start+size-1 cover first..count-1
+            idx = start[:, None] + jnp.arange(size)
+            take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+            old = jnp.arange(w)[None, None, :] < start[:, None, None]
+            new = jnp.broadcast_to(jnp.tril(jnp.ones((size, size), bool)), (idx.shape[0], size, size))
+            hidden, cache = kc.extend(gpt, p, take(wc.emb), take(wc.pos), spans(take(wc.span)), state.cache, old, new, idx)
+        last = jnp.take_along_axis(hidden, jnp.clip(count - 1 - start, 0, size - 1)[:, None, None], axis=1)[:, 0]
+        logits = jnp.where((count > first)[:, None], kc.logits(gpt, p, last), state.logits)
+        return state._replace(cache=cache, cache_pos=wc.pos, cache_lod=wc.lod, cache_n=count, logits=logits)
+
+    def decode(self, params, state: MCState, steps: int, sampling: Sampling) -> tuple[MCState, jnp.ndarray]:
+        """Decode `steps` tokens per stream against the cache, one `lax.scan`. -> tokens [B, steps]."""
+        gpt, p, w = self.gpt, params["gpt"], self.w
+        b = state.cache_n.shape[0]
+        rows = jnp.arange(b)
+
+        def step(carry, _):
+            ids, length, cache, cache_pos, cache_lod, n, logits, keys = carry
+            split = jax.vmap(jax.random.split)(keys)
+            tok = sample(logits, split[:, 1], sampling)
+            ids = ids.at[rows, length].set(tok, mode="drop")
+            old = jnp.arange(w)[None, None, :] < n[:, None, None]
+            hidden, cache = kc.extend(gpt, p, kc.embed(gpt, p, tok[:, None]), length[:, None], None, cache,
+                                      old, jnp.ones((b, 1, 1), bool), n[:, None])
+            cache_pos = cache_pos.at[rows, n].set(length, mode="drop")
+            cache_lod = cache_lod.at[rows, n].set(0, mode="drop")
+            logits = kc.logits(gpt, p, hidden[:, 0])
+            return (ids, length + 1, cache, cache_pos, cache_lod, n + 1, logits, split[:, 0]), tok
+
+        t = state.tree
+        carry = (t.lod0, t.length, state.cache, state.cache_pos, state.cache_lod, state.cache_n, state.logits, state.keys)
+        (ids, length, cache, cache_pos, cache_lod, n, logits, keys), toks = jax.lax.scan(step, carry, None, length=steps)
+        state = state._replace(tree=t._replace(lod0=ids, length=length), cache=cache, cache_pos=cache_pos,
+                               cache_lod=cache_lod, cache_n=n, logits=logits, keys=keys)
+        return state, toks.T
+
+    def generate(self, params, state: MCState, sampling: Sampling) -> tuple[MCState, jnp.ndarray, dict]:
+        """One block on a synced cache: decode R tokens, gist the blocks they filled, refocus.
+        -> (state, tokens int32 [B, R], refocus stats [B] with `pending`: the rebuild size
+        the next block needs)."""
+        state, toks = self.decode(params, state, self.r, sampling)
+        gist, embed = self._gist(params), self._embed(params)
+        tree = jax.vmap(lambda t: refresh(gist, t, t.length - self.r, self.r, embed))(state.tree)
+        cached = state.block_lod  # the layout the cache holds (decoded tokens only extend it)
+        state, stats = self._refocus(params, state._replace(tree=tree), self.w, jnp.ones_like(state.step, bool))
+        # The cache stays valid up to the first block the refocus changed: no WC to assemble.
+        counts = block_entry_counts(state.block_lod, self.k, state.tree.length)
+        changed = state.block_lod != cached
+        first = jnp.argmax(changed, axis=-1)[:, None]  # the first changed block
+        before = jnp.where(jnp.arange(changed.shape[-1]) < first, counts, 0).sum(-1)  # its entries before it
+        need = jnp.where(changed.any(-1), counts.sum(-1) - before, 0)
+        return state, toks, {**stats, "pending": jnp.broadcast_to(self._size(need), state.step.shape)}

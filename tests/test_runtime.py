@@ -1,0 +1,285 @@
+"""The runtime engine against from-scratch forwards: exact logits while the history fits,
+a rebuilt cache equal to a fresh prefill after every refocus, the plain engine equal to
+sliding-window attention, batching and seeding, and the allocator's invariants over long
+random streams."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mcjax.config import config_from_dict
+from mcjax.errors import ConfigError, UserError
+from mcjax.megacontext.allocator import AllocatorParams, NEVER, never_changed
+from mcjax.megacontext.layout import assemble, check_layout, entry_count
+from mcjax.model import kv_cache as kc
+from mcjax.model.gpt import GPT
+from mcjax.restore import LoadedRun
+from mcjax.runtime import Engine, Sampling
+from mcjax.runtime.mc import allocate
+from mcjax.train.setup import build_parts
+
+K, T, W, R = 8, 64, 64, 8  # block, training length, W_max, refocus interval
+TOL = 2e-4  # f32 on CPU: the cached paths sum attention in another order than one forward
+
+
+def _raw(tmp: Path, **sections) -> dict:
+    raw = tiny_config(
+        tmp,
+        dataset={"block_size": K, "context_tokens": T, "horizon": 8},
+        gistnet={"kind": "transformer", "layers": 1, "num_heads": 2},
+        lensnet={"layers": 1, "dim": 32},
+        megacontext={"enabled": True, "recent_tokens": 16, "wc_capacity": W, "train_wc_length": 0.5},
+        allocator={"cooldown_steps": 1, "max_replacements": 2, "expand_threshold": 0.3, "collapse_threshold": 0.3},
+        runtime={"max_tokens": 1024, "refocus_interval": R, "ingest_chunk": 24, "prefill_buckets": 2},
+    )
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def _perturbed(params, seed: int):
+    """Every weight random: zero-initialised projections (identity layers, LensNet's zero
+    scores) would hide bugs. LensNet's output layer gets scores well spread over (−1, 1)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    params = jax.tree.unflatten(tree, leaves)
+    if "lensnet" in params:
+        w = params["lensnet"]["w_out"]
+        params["lensnet"]["w_out"] = 2.0 * jax.random.normal(jax.random.key(seed + 1), w.shape) / w.shape[0] ** 0.5
+    return params
+
+
+def fake_run(tmp: Path, seed: int = 0, **sections) -> LoadedRun:
+    """A run with random weights (no training): what the engine computes does not depend on them."""
+    cfg = config_from_dict(_raw(tmp, **sections))
+    parts = build_parts(cfg)
+    params = _perturbed(parts.fresh().params, seed)
+    return LoadedRun(cfg=cfg, run_dir=tmp, tokenizer=None, model=parts.model, params=params, step=0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> LoadedRun:
+    return fake_run(tmp_path_factory.mktemp("rt"))
+
+
+def _stream(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 300, n).tolist()
+
+
+def _full_logits(gpt: GPT, params, tokens) -> np.ndarray:
+    return np.asarray(kc.logits(gpt, params, gpt.apply({"params": params}, jnp.asarray(tokens)[None])))[0]
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def test_mc_engine_equals_the_full_forward_while_the_history_fits(run):
+    """Up to W − R tokens nothing is compressed (LensNet scores 0: below every threshold), and
+    every next-token distribution — at each decoded token and after each refocus — equals
+    the GPT's full forward over the raw tokens."""
+    params = jax.tree.map(lambda x: x, run.params)
+    params["lensnet"]["w_out"] = jnp.zeros_like(params["lensnet"]["w_out"])
+    eng = Engine(dataclasses.replace(run, params=params), kind="mc")
+    tokens = _stream(21, 1)
+    eng.ingest([tokens])
+    got, at = [eng.next_logits()[0]], [len(tokens)]
+    for block in eng.generate(2 * R, Sampling(temperature=1.0, top_k=20), seed=3):  # two refocuses
+        tokens += block[0].tolist()
+        got.append(eng.next_logits()[0])
+        at.append(len(tokens))
+    decode = jax.jit(eng.rt.decode, static_argnums=(2, 3))
+    while len(tokens) < W - R:
+        eng.state, tok = decode(eng.params, eng.state, 1, Sampling(temperature=1.0, top_k=20))
+        tokens.append(int(tok[0, 0]))
+        got.append(np.asarray(eng.state.logits)[0])
+        at.append(len(tokens))
+    ref = _full_logits(run.model.gpt, eng.params["gpt"], tokens)
+    np.testing.assert_allclose(np.stack(got), ref[np.asarray(at) - 1], atol=TOL)
+    assert (np.asarray(eng.state.block_lod) == 0).all()
+
+
+def _synced_equals_prefill(eng: Engine) -> int:
+    """Sync the cache, check it against a fresh prefill of the assembled working context
+    (every valid row of every layer, and the next-token logits); return the rebuild size."""
+    gpt, gp = eng.rt.gpt, eng.params["gpt"]
+    n_old, pos_old, lod_old = jax.device_get((eng.state.cache_n, eng.state.cache_pos, eng.state.cache_lod))
+    size = eng.sync()
+    wc = jax.device_get(eng.rt.working_context(eng.params, eng.state, W))
+    n = int(wc.valid[0].sum())
+    same = (np.arange(W) < n_old[0]) & (pos_old[0] == wc.pos[0]) & (lod_old[0] == wc.lod[0]) & wc.valid[0]
+    assert size == eng.rt.sizes[int(np.searchsorted(eng.rt.sizes, n - int(np.cumprod(same).sum())))]
+    hidden, cache = kc.prefill(gpt, gp, jnp.asarray(wc.emb), jnp.asarray(wc.pos), jnp.asarray(wc.span))
+    for layer in range(gpt.depth):
+        for got, want in ((eng.state.cache.k, cache.k), (eng.state.cache.v, cache.v)):
+            np.testing.assert_allclose(np.asarray(got[layer])[0, :, :n], np.asarray(want[layer])[0, :, :n], atol=TOL)
+    np.testing.assert_allclose(np.asarray(eng.state.logits)[0], np.asarray(kc.logits(gpt, gp, hidden[0, n - 1])), atol=TOL)
+    return size
+
+
+def test_every_rebuilt_cache_equals_a_prefill_from_scratch(run):
+    """A long stream (ingest beyond W_max, then blocks of decoding with refocus by a random
+    LensNet): after every refocus the cache rebuilt from the first changed entry equals a
+    fresh prefill of the assembled working context, row by row, and so do the next-token
+    logits. Hand-made edits at several depths then drive every rebuild size."""
+    eng = Engine(run, kind="mc")
+    eng.ingest([_stream(147, 2)])  # 147 + 3 blocks = 171 = 21 blocks + 3: the last edit rebuilds 4 slots
+    sizes, layouts = set(), []
+    for block in range(3):
+        sizes.add(_synced_equals_prefill(eng))
+        layouts.append(np.asarray(eng.state.block_lod)[0].copy())
+        next(eng.generate(R, Sampling(temperature=1.0), seed=block))
+    assert sum((a != b).any() for a, b in zip(layouts, layouts[1:])) >= 1, "no refocus changed the layout"
+    sizes.add(_synced_equals_prefill(eng))
+    sizes.add(_synced_equals_prefill(eng))  # nothing changed since: size 0
+    length = int(eng.lengths[0])
+    for block in (length // K - 1, length // K - 3, 0):  # a collapse (or expand) ever deeper in the WC
+        lod = np.asarray(eng.state.block_lod).copy()
+        lod[0, block] = 1 - lod[0, block] if lod[0, block] < 2 else 2
+        eng.state, eng._pending = eng.state._replace(block_lod=jnp.asarray(lod)), None
+        sizes.add(_synced_equals_prefill(eng))
+    assert sizes == set(eng.rt.sizes), f"rebuild sizes {sorted(sizes)} of {eng.rt.sizes} exercised"
+
+
+def test_plain_engine_is_sliding_window_attention(tmp_path):
+    """Ring cache of W = 16 entries, prompt chunks of 16: every next-token distribution equals
+    the GPT over the whole sequence with a band mask of width W (each token sees itself and
+    the 15 before it)."""
+    run = fake_run(tmp_path, megacontext={"enabled": False, "wc_capacity": 16, "recent_tokens": 8},
+                   runtime={"ingest_chunk": 16})
+    eng = Engine(run, kind="auto")
+    assert eng.kind == "plain"
+    prompt = _stream(37, 3)
+    eng.ingest([prompt])
+    first = eng.next_logits()[0]
+    out = np.concatenate(list(eng.generate(2 * R, Sampling(temperature=0.0))), axis=1)[0]
+    tokens = prompt + out.tolist()
+    gpt, gp = run.model, eng.params["gpt"]
+    n = len(tokens)
+    pos = jnp.arange(n)[None]
+    band = (pos[0, :, None] >= pos[0, None, :]) & (pos[0, :, None] - pos[0, None, :] < 16)
+    empty = kc.empty_cache(gpt, 1, 1)
+    hidden, _ = kc.extend(gpt, gp, kc.embed(gpt, gp, jnp.asarray(tokens)[None]), pos, None, empty,
+                          jnp.zeros((1, n, 1), bool), band[None], jnp.full((1, n), 1))
+    ref = np.asarray(kc.logits(gpt, gp, hidden))[0]
+    np.testing.assert_allclose(first, ref[len(prompt) - 1], atol=TOL)
+    assert out.tolist() == ref[len(prompt) - 1 : -1].argmax(-1).tolist()  # greedy: each token is the argmax
+    np.testing.assert_allclose(np.asarray(eng.state.logits)[0], ref[-1], atol=TOL)
+
+
+def test_batched_streams_equal_single_streams(run):
+    """Two streams of different lengths in one batch produce exactly what each produces alone
+    (sampling keys are per stream; idle ingest chunks leave a stream untouched)."""
+    prompts = [_stream(90, 4), _stream(30, 5)]
+    sampling = Sampling(temperature=0.9, top_k=30)
+
+    def text(batch_prompts, seeds):
+        eng = Engine(run, kind="mc", batch=len(batch_prompts))
+        eng.ingest(batch_prompts)
+        out = np.concatenate(list(eng.generate(3 * R, sampling, seed=seeds)), axis=1)
+        return out, np.asarray(eng.state.block_lod)
+
+    both, lod_both = text(prompts, [7, 8])
+    for i, p in enumerate(prompts):
+        alone, lod_alone = text([p], [7 + i])
+        assert both[i].tolist() == alone[0].tolist()
+        assert (lod_both[i] == lod_alone[0]).all()
+    again, _ = text(prompts, [7, 8])
+    assert again.tolist() == both.tolist()  # a fixed seed gives the same text twice
+    other, _ = text(prompts, [9, 10])
+    assert other[0].tolist() != both[0].tolist() and other[1].tolist() != both[1].tolist()
+
+
+# ----------------------------------------------------------------------------- allocator over streams
+
+
+@functools.lru_cache(maxsize=None)
+def _alloc_harness(policy: str, margin: int):
+    """The runtime's per-stream refocus (`mc.allocate`) jitted once per policy and margin."""
+    cfg = config_from_dict(_raw(Path("/nonexistent"), allocator={"policy": policy, "cooldown_steps": 2},
+                                runtime={"collapse_margin": margin, "max_tokens": 2048}))
+    alloc = AllocatorParams.from_config(cfg)
+    cap = cfg.runtime.max_tokens
+    high = cfg.wc_capacity - cfg.runtime.refocus_interval
+    n1 = cap // K
+    zeros = (jnp.zeros((cap,), jnp.int32), jnp.zeros((n1, 1)), jnp.zeros((n1 // K, 1)))
+
+    @jax.jit
+    def step(lod, scores, last, length, t, key):
+        wc = assemble(lod, *zeros, W + 64, length=length, embed=lambda ids: jnp.zeros(ids.shape + (1,)))
+        return allocate(lod, wc, scores, last, length, t, key, alloc, high, margin)
+
+    return cfg, step, n1, high
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), policy=st.sampled_from(["greedy", "stochastic"]), margin=st.sampled_from([0, 16]))
+def test_long_random_streams_keep_every_invariant(seed, policy, margin):
+    """Random chunks of tokens and random LensNet scores for 40 refocuses: the layout stays
+    within W − R, covers the history with no gap or overlap, keeps the tail raw, respects
+    cooldown (a budget override aside), and the swap-rate and residency arithmetic holds."""
+    cfg, step, n1, high = _alloc_harness(policy, margin)
+    rng = np.random.default_rng(seed)
+    lod, last, length = jnp.zeros(n1, jnp.int8), never_changed(n1), 0
+    recent, cooldown = cfg.megacontext.recent_tokens, cfg.allocator.cooldown_steps
+    for t in range(40):
+        length = min(length + int(rng.choice([1, 5, R, 24, 64])), 2048)
+        scores = jnp.asarray(rng.uniform(-1, 1, W + 64), jnp.float32)
+        new, new_last, stats = jax.device_get(step(lod, scores, last, jnp.int32(length), jnp.int32(t), jax.random.key(seed + t)))
+        old, new, old_last = np.asarray(lod), np.asarray(new), np.asarray(last)
+        present = -(-length // K)
+        assert (new[present:] == 0).all() and (new_last[present:] == NEVER).all()  # absent blocks untouched
+        full = new[: length // K]
+        check_layout(full, K, capacity=high)  # levels, whole LOD2 superblocks, budget
+        n = int(stats["entries_after"])
+        assert n <= high and entry_count(full, K) + length % K == n
+        got = assemble(jnp.asarray(new), jnp.zeros((cfg.runtime.max_tokens, 1)), jnp.zeros((n1, 1)),
+                       jnp.zeros((n1 // K, 1)), high, length=jnp.int32(length))
+        pos, span = np.asarray(got.pos)[:n], np.asarray(got.span)[:n]
+        assert pos[0] == 0 and (pos[1:] == pos[:-1] + span[:-1]).all() and pos[-1] + span[-1] == length  # coverage
+        tail_blocks = np.arange(present)[(np.arange(present) + 1) * K > length - recent]
+        assert (new[tail_blocks] == 0).all()  # the last recent_tokens stay raw
+        moved = np.flatnonzero(new != old)
+        assert (new_last[moved] == t).all()
+        if int(stats["budget_overrides"]) == 0:
+            assert (t - old_last[moved] >= cooldown).all()  # cooldown respected
+        assert int(stats["blocks"]) == length // K
+        actions = int(stats["num_expands"]) + int(stats["num_collapses"])
+        assert stats["swap_rate"] == pytest.approx(actions / max(length // K, 1))
+        res = t - np.maximum(new_last[: length // K], 0)
+        assert stats["mean_residency"] == pytest.approx(res.sum() / max(length // K, 1), rel=1e-6)
+        lod, last = jnp.asarray(new), jnp.asarray(new_last)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_runtime_input_is_one_clear_error(run, tmp_path):
+    eng = Engine(run, kind="mc")
+    with pytest.raises(UserError, match=r"stream 0: 1,025 new tokens after 0 held exceed runtime.max_tokens \(1,024"):
+        eng.ingest([_stream(1025, 0)])
+    with pytest.raises(UserError, match="holds no tokens: ingest a prompt first"):
+        next(eng.generate(8))
+    with pytest.raises(UserError, match="unknown engine 'fast': choose mc or plain"):
+        Engine(run, kind="fast")
+    with pytest.raises(ConfigError, match="runtime.refocus_interval: must be a positive multiple of dataset.block_size"):
+        config_from_dict(_raw(tmp_path, runtime={"refocus_interval": 12}))
+    with pytest.raises(ConfigError, match="megacontext.wc_capacity: .* smaller than the protected tail"):
+        config_from_dict(_raw(tmp_path, megacontext={"wc_capacity": 20}))
+    with pytest.raises(ConfigError, match="allocator.policy: must be one of greedy, stochastic"):
+        config_from_dict(_raw(tmp_path, allocator={"policy": "best"}))
+    with pytest.raises(ConfigError, match="runtime.max_tokens: the most compressed layout of 100,000 tokens"):
+        Engine(fake_run(tmp_path, runtime={"max_tokens": 100_000}), kind="mc")
+    plain = fake_run(tmp_path, megacontext={"enabled": False})
+    with pytest.raises(UserError, match="trained a plain GPT .* use --engine plain"):
+        Engine(plain, kind="mc")
