@@ -10,11 +10,15 @@ over the runs:
             and N variants per sequence at the variant length `--wc-length` × T, the GPT
             on every working context, LensNet and its loss, one update of all three nets.
 
-Reported per mode: step ms, input tokens/s (B·T per step), MFU over the
-base-model FLOPs actually computed (every real WC entry) and per input token, the MC
-controller breakdown (see `mc_runner.py`), and memory: the XLA memory analysis of the
-compiled step (arguments + temporaries + outputs not aliased to inputs) and, where the
-backend reports it, the device's peak so far.
+Reported per mode: step ms, input tokens/s (B·T per step), two MFUs, the MC controller
+breakdown (see `mc_runner.py`), the real WC entries per step (counted from the step's
+layouts: baseline + variants), and memory: the XLA memory analysis of the compiled step
+(arguments + temporaries + outputs not aliased to inputs) and, where the backend reports
+it, the device's peak so far. MFU(real) is over the base-model FLOPs actually computed:
+every real WC entry, attention at that WC's own width (W_max, W_v), as `train/mfu`
+(`MCRunner.wc_work`). MFU(input) counts the plain GPT's FLOPs per input token at T, as
+`train/mfu_input`: the rate of useful work beside the baseline row, not a utilisation
+(at T ≫ W_max it can pass 1).
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
         return m
 
     ms = timed_ms(run_mc, reps=max(1, steps // 4), warmup=warmup)
+    base_entries, var_entries, _ = runner.wc_work(mc_batch)
     fpit = runner.flops_per_input_token(mc_batch)
     t0 = time.perf_counter()
     runner.sample(tokens, 0)
@@ -129,7 +134,9 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
         mc_tok_per_sec=rate,
         mc_mfu=mfu(rate, fpit, jax.device_count(), peak),
         mc_mfu_input=mfu(rate, fpt, jax.device_count(), peak),
-        mc_wc_entries=float(fpit * batch * t / fpt),
+        mc_wc_entries=base_entries + var_entries,
+        mc_baseline_entries=base_entries,
+        mc_variant_entries=var_entries,
         mc_variant_capacity=wv,
         **{f"mc_{k}": val for k, val in parts.items()},
         mc_variant_ms=variant_ms,
@@ -152,7 +159,9 @@ def table(r: dict) -> str:
         f"{r['mc_mfu_input']:>11.3f} {r['mc_program_gb']:>11.2f}",
         f"mc controller: build_ms {r['mc_build_ms']:.2f}, variant_pack_ms {r['mc_variant_pack_ms']:.2f}, "
         f"lens_ms {r['mc_lens_ms']:.2f} ({r['mc_controller_share']:.1%} of the step), variant_ms (host) "
-        f"{r['mc_variant_ms']:.2f}, other_ms {r['mc_other_ms']:.1f}; {r['mc_wc_entries']:,.0f} real WC entries per step",
+        f"{r['mc_variant_ms']:.2f}, other_ms {r['mc_other_ms']:.1f}",
+        f"mc: {r['mc_wc_entries']:,} real WC entries per step ({r['mc_baseline_entries']:,} baseline + "
+        f"{r['mc_variant_entries']:,} in variants)",
     ]
     return "\n".join(lines)
 

@@ -318,14 +318,38 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key}: expected a number, got {_show(value)}")
-        return float(value)
+        return _to_float(value, key, where)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key}: expected a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file, not input
+
+
+def _to_float(value: Any, key: str, where: str) -> float:
+    """A float key's value: a number, or a string that Python's `float()` reads.
+
+    YAML 1.1 reads `3e-4`, `1e-3` and `1.0e6` as strings (it wants a dot and a signed
+    exponent), so they come here as str, from files and overrides alike. NaN and ±inf are
+    refused however they are spelled ('nan', 'inf', YAML's .nan/.inf): no key means anything
+    by them, and range checks such as `lr < 0` would let a NaN through. Integer keys stay
+    strict (`_convert`): '1e3' is not an integer.
+    """
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{where}: {key}: expected a number, got {_show(value)}")
+    try:
+        number = float(number)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: {key}: expected a finite number, got {_show(value)}")
+    return number
 
 
 def _show(value: Any) -> str:

@@ -67,6 +67,63 @@ def test_bool_is_not_an_int(tmp_path):
     assert "training.seed: expected an integer" in _error(tmp_path, ["training.seed=true"])
 
 
+# YAML 1.1 reads an exponent as a float only with a dot and a sign (`1.0e+6`): `3e-4`, `1e-3`,
+# `1.0e6` reach the loader as strings. Float keys take whatever float() reads, however YAML typed it.
+SPELLINGS = ["3e-4", "1e-3", "1.0e6", "1.0e+6", "2E-2", ".5e-1", "1_000.5", "7"]
+
+
+def _file_with_lr(tmp_path, text: str):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, training={"matrix_lr": 0.5}))
+    path.write_text(path.read_text().replace("matrix_lr: 0.5", f"matrix_lr: {text}"))
+    assert f"matrix_lr: {text}\n" in path.read_text()
+    return path
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_float_keys_take_every_float_spelling_in_files(tmp_path, text):
+    cfg = load_config(_file_with_lr(tmp_path, text))
+    assert cfg.training.matrix_lr == float(text) and type(cfg.training.matrix_lr) is float
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_float_keys_take_every_float_spelling_in_overrides(tmp_path, text):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    cfg = load_config(path, [f"training.matrix_lr={text}", f"megacontext.lens_temperature={text}"])
+    assert cfg.training.matrix_lr == cfg.megacontext.lens_temperature == float(text)
+    assert type(cfg.training.matrix_lr) is float
+
+
+def test_scientific_notation_still_meets_the_range_checks(tmp_path):
+    assert "training.matrix_lr: must be ≥ 0, got -200000.0" in _error(tmp_path, ["training.matrix_lr=-2E+5"])
+
+
+@pytest.mark.parametrize("text, shown", [("abc", "str 'abc'"), ("1e", "str '1e'"), ("''", "str ''"), ("true", "bool True")])
+def test_float_keys_reject_non_numbers_in_files(tmp_path, text, shown):
+    path = _file_with_lr(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: training.matrix_lr: expected a number, got {shown}"
+
+
+@pytest.mark.parametrize("text, shown", [("abc", "str 'abc'"), ("1e", "str '1e'"), ("1e-3x", "str '1e-3x'"), ("", "nothing")])
+def test_float_keys_reject_non_numbers_in_overrides(tmp_path, text, shown):
+    msg = _error(tmp_path, [f"training.matrix_lr={text}"])
+    assert msg.endswith(f": training.matrix_lr: expected a number, got {shown}")
+
+
+@pytest.mark.parametrize("text, shown", [("nan", "str 'nan'"), ("-inf", "str '-inf'"), ("Infinity", "str 'Infinity'"),
+                                         (".nan", "float nan"), (".inf", "float inf"), ("1e999", "str '1e999'")])
+def test_float_keys_reject_nan_and_infinity(tmp_path, text, shown):
+    # float() reads them, but no key means anything by them, and `lr < 0` would let NaN through
+    msg = _error(tmp_path, [f"training.matrix_lr={text}"])
+    assert msg.endswith(f": training.matrix_lr: expected a finite number, got {shown}")
+
+
+def test_integer_keys_stay_strict(tmp_path):
+    assert _error(tmp_path, ["training.max_steps=1e3"]).endswith(": training.max_steps: expected an integer, got str '1e3'")
+    assert "training.max_steps: expected an integer, got float 1000.0" in _error(tmp_path, ["training.max_steps=1.0e+3"])
+
+
 def test_context_not_multiple_of_block(tmp_path):
     msg = _error(tmp_path, ["dataset.context_tokens=100"])
     assert "dataset.context_tokens: must be a positive multiple of dataset.block_size (32), got 100" in msg

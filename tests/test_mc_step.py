@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,9 @@ from mcjax.config import config_from_dict
 from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity
 from mcjax.megacontext import losses as L
 from mcjax.megacontext.allocator import unit_scores
-from mcjax.megacontext.layout import assemble
+from mcjax.megacontext.layout import assemble, entry_count
 from mcjax.model.megacontext import build_megacontext
+from mcjax.train.flops import flops_per_token
 from mcjax.train.mc_step import initial_stats, jit_mc_train_step, make_mc_train_step
 from mcjax.train.optim import build_optimizer
 from mcjax.train.sharding import batch_sharding, make_mesh
@@ -29,12 +31,12 @@ from conftest import run_cli, tiny_config, write_config
 T = 256  # 8 blocks of 32: the last one is the protected tail
 
 
-def _mc_cfg(tmp_path, **mc):
+def _mc_cfg(tmp_path, dataset=(), gistnet=(), **mc):
     return config_from_dict(tiny_config(
         tmp_path,
-        dataset={"context_tokens": T, "horizon": 16},
+        dataset={"context_tokens": T, "horizon": 16, **dict(dataset)},
         base_model={"depth": 1, "model_dim": 32, "head_dim": 16},
-        gistnet={"layers": 1},
+        gistnet={"layers": 1, **dict(gistnet)},
         lensnet={"layers": 1, "dim": 16},
         megacontext={
             "enabled": True, "recent_tokens": 32, "train_wc_length": 0.3, "curriculum_start": 0.3,
@@ -238,3 +240,40 @@ def test_bench_runs_both_steps_on_cpu(tmp_path):
     # real WC entries: 2 × (256 baseline + 2 variants of at most 77 entries)
     assert 2 * (256 + 2 * 46) <= r["mc_wc_entries"] <= 2 * (256 + 2 * 77)
     assert "baseline" in table(r) and "mc controller" in table(r)
+
+
+@pytest.mark.slow
+def test_bench_counts_real_entries_from_its_layouts_when_t_is_8_w_max(tmp_path, monkeypatch):
+    # T = 256 = 8 · W_max (blocks of 16): every WC is 32 wide, so per-entry FLOPs are far below
+    # a 256-token sequence's: FLOPs / (FLOPs per token at T) printed 116 entries for these 186.
+    import mcjax.bench as bench_mod
+
+    peak = 1e6  # CPU has no known peak; any value checks the MFU arithmetic
+    monkeypatch.setattr(bench_mod, "peak_flops", lambda: peak)
+    # the controller's part timings (six more compiles) are test_bench_runs_both_steps_on_cpu's business
+    monkeypatch.setattr(bench_mod.MCRunner, "part_times", lambda *_: dict.fromkeys(("build_ms", "variant_pack_ms", "lens_ms"), 0.0))
+    cfg = _mc_cfg(tmp_path, dataset={"block_size": 16}, gistnet={"kind": "mean"}, wc_capacity=32, recent_tokens=16)
+    batch, wc_length, k = 2, 0.125, 16
+    r = bench_mod.bench(cfg, batch=batch, wc_length=wc_length, steps=1, warmup=1)
+
+    # the layouts bench times: mc_setup's sampler call at variant length 0.125 · 256
+    lay = sample_layouts(VariantSpec.from_config(cfg), round(wc_length * T), seed=0, step=0, rows=np.arange(batch))
+    counts = np.array([[entry_count(v, k) for v in row] for row in lay])  # [B, 1 + N]
+    assert (counts == 31).all()  # baseline and variants alike: 15 gists + the one-block tail
+    printed = re.search(r"mc: ([\d,]+) real WC entries per step \(([\d,]+) baseline \+ ([\d,]+) in variants\)",
+                        bench_mod.table(r))
+    assert printed, bench_mod.table(r)
+    got = [int(g.replace(",", "")) for g in printed.groups()]
+    assert got == [counts.sum(), counts[:, 0].sum(), counts[:, 1:].sum()] == [186, 62, 124]
+    assert r["mc_wc_entries"] == counts.sum() and r["mc_variant_capacity"] == 32
+
+    # MFU(real): every entry at its WC's width (32 for both kinds here), never at T; MFU(input)
+    # and the baseline row: the plain GPT's FLOPs per token at T
+    def fpt(seq):
+        return flops_per_token(cfg.base_model.depth, cfg.model_dim, cfg.dataset.vocab_size, seq)
+
+    chips = jax.device_count()
+    real = counts.sum() * fpt(32) / (batch * T)
+    assert r["mc_mfu"] == pytest.approx(r["mc_tok_per_sec"] * real / (peak * chips), rel=1e-3)
+    assert r["mc_mfu_input"] == pytest.approx(r["mc_tok_per_sec"] * fpt(T) / (peak * chips), rel=1e-3)
+    assert r["baseline_mfu"] == pytest.approx(r["baseline_tok_per_sec"] * fpt(T) / (peak * chips), rel=1e-3)

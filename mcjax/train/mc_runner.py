@@ -123,16 +123,21 @@ class MCRunner:
         }
         return state, metrics, host
 
-    def flops_per_input_token(self, batch: Batch) -> float:
-        """Base-model training FLOPs over the real (unpadded) entries of every WC of the batch,
-        per input token (attention counted at each WC's width)."""
-        k, w = self.spec.block_size, self.spec.capacity
+    def wc_work(self, batch: Batch) -> tuple[int, int, float]:
+        """The base model's work on every WC of the batch: (baseline entries, variant entries,
+        training FLOPs). Entries are real (unpadded) ones, counted from the layouts; the FLOPs
+        are over those entries, with attention counted at each WC's own width (W_max for the
+        baseline, W_v for the variants), never at T."""
+        k = self.spec.block_size
         lay = batch.layouts.reshape(-1, *batch.layouts.shape[-2:])
-        total = 0.0
-        for seq in lay:
-            total += entry_count(seq[0], k) * self._fpt(w)
-            total += sum(entry_count(v, k) for v in seq[1:]) * self._fpt(batch.variant_capacity)
-        return total / (lay.shape[0] * self.spec.tokens)
+        base = sum(entry_count(seq[0], k) for seq in lay)
+        var = sum(entry_count(v, k) for seq in lay for v in seq[1:])
+        return base, var, base * self._fpt(self.spec.capacity) + var * self._fpt(batch.variant_capacity)
+
+    def flops_per_input_token(self, batch: Batch) -> float:
+        """`wc_work`'s FLOPs per input token of the batch (B·T tokens)."""
+        rows = batch.layouts[..., 0, 0].size
+        return self.wc_work(batch)[2] / (rows * self.spec.tokens)
 
     # ------------------------------------------------------------------ validation
     def eval_sums(self, params, local: np.ndarray, index: int, token_bytes) -> dict[str, float]:
