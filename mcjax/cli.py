@@ -3,7 +3,8 @@
 prep, train and bench take `--config FILE`; generate and infer take `--run RUN` (a run
 name under artifacts/runs/ or a run directory). All take trailing `a.b=value`
 overrides. Errors a user can cause are printed as one line (`mcjax: error: ...`) with
-exit code 2, never a traceback.
+exit code 2, never a traceback; a training run stopped by a non-finite loss, gradient or
+state (`NonFiniteError`) is printed the same way and exits with code 3.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mcjax.errors import UserError
+from mcjax.errors import NonFiniteError, UserError
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except UserError as e:
         print(f"mcjax: error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, NonFiniteError) else 2
     except KeyboardInterrupt:
         print("mcjax: interrupted", file=sys.stderr)
         return 130

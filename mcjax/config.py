@@ -144,6 +144,7 @@ class TrainingConfig:
     seed: int = 0
     eval_every_tokens: int = 0  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation
+    nan_check: bool = True  # check every step's loss, grad norm and state for NaN/Inf (one step late)
 
     @property
     def grad_accum_steps(self) -> int:

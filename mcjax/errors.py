@@ -15,3 +15,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data source or prepared data file is missing, empty or unreadable."""
+
+
+class NonFiniteError(UserError):
+    """Training went non-finite (NaN/Inf loss, gradients or state); the message names the step,
+    the quantity and the last finite checkpoint. The CLI exits with code 3."""

@@ -2,7 +2,8 @@
 
 Everything with side effects lives here (data, logging, evaluation and checkpoint
 cadence); the device work is the one jitted step from `step.py`. Cadences are keyed
-on tokens seen, so runs with different batch sizes stay comparable.
+on tokens seen, so runs with different batch sizes stay comparable. A non-finite step
+stops the run before anything saves it (`nan_guard.py`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from mcjax.train.flops import flops_per_token, mfu, peak_flops
 from mcjax.train.memory import device_memory
 from mcjax.train.sharding import batch_sharding, global_batch, replicated
 from mcjax.train.mc_runner import MCRunner
+from mcjax.train.nan_guard import NanGuard
 from mcjax.train.setup import build_parts, param_count
-from mcjax.train.step import jit_train_step, make_eval_step, make_train_step
+from mcjax.train.step import FINITE, jit_train_step, make_eval_step, make_train_step
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -169,6 +171,13 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
 
     # ---------------------------------------------------------------- loop
     tps = cfg.tokens_per_step
+    guard = NanGuard(t.nan_check, ckpt.directory, latest)  # stops at the first non-finite step
+
+    def save(step: int) -> None:
+        guard.check()  # state `step` is known finite before it is saved (nan_guard.py)
+        ckpt.save(step, state, data.get_state(), {"step": step, "tokens": step * tps, "config": cfg.to_dict()})
+        guard.saved(step)
+
     rates: list[float] = []
     last = {"time": None, "tokens": start * tps}
     metrics_host: dict[str, float] = {}
@@ -184,6 +193,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
                 state, metrics, host = runner.train_step(state, local, step)
             else:
                 state, metrics = step_fn(state, global_batch(local, train_sh))
+            guard.dispatched(done, metrics.pop(FINITE), metrics)  # checks step `done` - 1, one step late
             first = step == start
             # a profiled step is always logged: its timing breakdown exists only in this step's host metrics
             if first or profiled or crossed(tokens - tps, tokens, cfg.telemetry.log_every_tokens or tps) or done == total:
@@ -210,23 +220,29 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
                 last.update(time=now, tokens=tokens)
                 telemetry.log(done, row)
                 progress.update(done, row["train/loss"], row.get("train/tok_per_sec", float("nan")))
+                guard.check()  # after its row is logged: metrics.jsonl shows the non-finite step
             if profiled:
                 last.update(time=time.perf_counter(), tokens=tokens)
             if mc_on and crossed(tokens - tps, tokens, mc.dump_every_tokens or t.eval_every_tokens) and done != total:
+                guard.check()
                 dump(done)
             if crossed(tokens - tps, tokens, t.eval_every_tokens) and done != total:
+                guard.check()
                 val = evaluate(state.params)
                 telemetry.log(done, val)
                 progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 last["time"] = time.perf_counter()  # keep evaluation out of tok/s
             if crossed(tokens - tps, tokens, cfg.checkpoint.every_tokens) and done != total:
-                ckpt.save(done, state, data.get_state(), {"step": done, "tokens": tokens, "config": cfg.to_dict()})
+                save(done)
         if start < total or latest is None:
-            ckpt.save(total, state, data.get_state(), {"step": total, "tokens": total * tps, "config": cfg.to_dict()})
+            save(total)
         if mc_on and start < total:
             dump(total)
         val = evaluate(state.params)
         telemetry.log(total, val)
+    except BaseException:
+        telemetry.close()  # flush the sinks before the error (e.g. NonFiniteError) leaves
+        raise
     finally:
         progress.close()
         ckpt.close()

@@ -19,7 +19,8 @@ micro-step, on the device:
 5. one optax update of all three nets; the running ΔNLL statistics that normalise
    LensNet's labels fold in this step's ΔNLLs.
 
-Metrics come back as one pytree of scalars (names as in the telemetry spec).
+Metrics come back as one pytree of scalars (names as in the telemetry spec), with
+`train/finite` as in the plain step (`step.finite_flag`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mcjax.model.megacontext import MegaContextModel
 from mcjax.model.xent import softcap_logits, token_nll
 from mcjax.train.optim import lr_multiplier
 from mcjax.train.state import TrainState
+from mcjax.train.step import FINITE, finite_flag
 
 
 def initial_stats() -> dict:
@@ -262,13 +264,15 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
         if delta.size:
             stats["delta_ema"] = L.ema_update(state.stats["delta_ema"], delta.reshape(-1), mc.advantage_ema)
         grad_norms = {f"mc/grad_norm/{k}": optax.tree.norm(g) for k, g in grads.items()}
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
         metrics = {
             **metrics,
             **grad_norms,
             "train/grad_norm": optax.tree.norm(grads),
             "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=stats), metrics
+        metrics[FINITE] = finite_flag(metrics["train/loss"], metrics["train/grad_norm"], new)
+        return new, metrics
 
     return train_step
 

@@ -3,7 +3,8 @@
 A batch is int tokens [A, B, T+1]: A gradient-accumulation micro-steps of B sequences,
 each with one lookahead token so all T positions have a next-token target. The step
 scans over the A micro-steps inside one XLA program, averages the gradients, and makes
-one optimizer update of every parameter. Metrics come back as a pytree of scalars.
+one optimizer update of every parameter. Metrics come back as a pytree of scalars, with
+`train/finite`: whether the step's loss, gradient norm and new state are all finite.
 """
 
 from __future__ import annotations
@@ -16,6 +17,21 @@ from mcjax.model.gpt import GPT
 from mcjax.model.xent import token_nll
 from mcjax.train.optim import lr_multiplier
 from mcjax.train.state import TrainState
+
+
+FINITE = "train/finite"  # the metrics key of `finite_flag`; the loop takes it out before logging
+
+
+def finite_flag(loss: jnp.ndarray, grad_norm: jnp.ndarray, new_state: TrainState) -> jnp.ndarray:
+    """bool []: the step's loss and global gradient norm, and every float of the state the step
+    made (params, optimizer state, stats), are finite.
+
+    The one scalar the host checks to stop a non-finite run (`nan_guard.py`). It reads the new
+    state once, inside the program that writes it, so a save can rely on it.
+    """
+    ok = [jnp.isfinite(loss), jnp.isfinite(grad_norm)]
+    ok += [jnp.isfinite(x).all() for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(ok).all()
 
 
 def sequence_nll(model: GPT, params, tokens: jnp.ndarray, *, chunk_tokens: int, mode: str) -> jnp.ndarray:
@@ -52,12 +68,14 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg):
             grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=state.stats)
         metrics = {
             "train/loss": losses.mean(),
             "train/grad_norm": optax.tree.norm(grads),
             "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=state.stats), metrics
+        metrics[FINITE] = finite_flag(metrics["train/loss"], metrics["train/grad_norm"], new)
+        return new, metrics
 
     return train_step
 
