@@ -99,9 +99,10 @@ def _fit(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc
     forced = dataclasses.replace(alloc, w_max=budget, cooldown_steps=0, expand_threshold=2.0, collapse_threshold=2.0,
                                  iterations=1)  # forced collapses all happen in a pass's first round
     overrides = jnp.zeros((), jnp.int32)
+    key = jax.random.fold_in(key, step)
     for i in range(2):
         over = entries(lod, alloc.k, length) > high
-        f_lod, f_last, f_st = refocus(lod, wc, scores, last_changed, step, jax.random.fold_in(jax.random.fold_in(key, step), 2**31 + i), forced, length=length)
+        f_lod, f_last, f_st = refocus(lod, wc, scores, last_changed, step, jax.random.fold_in(key, 2**31 + i), forced, length=length)
         lod, last_changed = jnp.where(over, f_lod, lod), jnp.where(over, f_last, last_changed)
         overrides += jnp.where(over, f_st["num_collapses"], 0)
     return lod, last_changed, overrides
