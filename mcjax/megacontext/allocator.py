@@ -20,7 +20,8 @@ superblocks; a trailing partial superblock never goes to LOD2) are ranked togeth
 block edit and a superblock edit compete on the same scale.
 
 A unit is *eligible* when it is at the right level and every block it touches is *free*:
-not in the protected tail (the last ceil(recent_tokens / K) blocks), not in cooldown
+not in the protected tail (the blocks holding the last `recent_tokens` tokens: the last
+ceil(recent_tokens / K) blocks, one more while the last block is partly filled), not in cooldown
 (`step − last_changed < cooldown_steps`) and not already changed in this refocus. Each of
 `iterations` rounds (`lax.fori_loop`, unrolled) then does:
 

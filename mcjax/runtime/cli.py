@@ -82,10 +82,10 @@ def generate(args) -> None:
 def _documents(patterns: list[str]) -> list[Path]:
     paths: list[Path] = []
     for pattern in patterns:
-        found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) or ([pattern] if Path(pattern).is_file() else [])
+        found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if Path(p).is_file()]
         if not found:
             raise DataError(f"--input {pattern}: no file matches")
-        paths += [Path(p) for p in found if Path(p).is_file()]
+        paths += found
     return paths
 
 
