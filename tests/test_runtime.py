@@ -177,6 +177,39 @@ def test_plain_engine_is_sliding_window_attention(tmp_path):
     np.testing.assert_allclose(np.asarray(eng.state.logits)[0], ref[-1], atol=TOL)
 
 
+@pytest.mark.parametrize("kind", ["mc", "plain"])
+def test_score_decodes_given_tokens_exactly_as_generate(run, kind):
+    """Teacher forcing: scoring the tokens a greedy `generate` produced gives greedy == tokens
+    at every position, log-probabilities of the next-token distributions generation saw,
+    and the same state afterwards (history, layout, logits) as generating them; a prefix of
+    a block scores the same as the block's first tokens."""
+    prompt = _stream(150, 6)  # past W_max: the MegaContext engine has gisted and refocused
+    gen = Engine(run, kind=kind)
+    gen.ingest([prompt])
+    first = gen.next_logits()[0]
+    blocks = [b for b in gen.generate(2 * R, Sampling(temperature=0.0))]
+    sc = Engine(run, kind=kind)
+    sc.ingest([prompt])
+    logps = []
+    for block in blocks:
+        logp, greedy = sc.score(block)
+        assert greedy.tolist() == block.tolist()
+        logps.append(logp)
+    ref = np.asarray(jax.nn.log_softmax(jnp.asarray(first)))
+    np.testing.assert_allclose(logps[0][0, 0], ref[blocks[0][0, 0]], atol=TOL)
+    assert (np.concatenate(logps, axis=1) <= 0).all()
+    np.testing.assert_allclose(sc.next_logits(), gen.next_logits(), atol=TOL)
+    assert (sc.lengths == gen.lengths).all()
+    if kind == "mc":
+        assert (np.asarray(sc.state.block_lod) == np.asarray(gen.state.block_lod)).all()
+    part = Engine(run, kind=kind)
+    part.ingest([prompt])
+    logp, greedy = part.score(blocks[0][:, :3])
+    np.testing.assert_allclose(logp, logps[0][:, :3], atol=TOL)
+    with pytest.raises(UserError, match=r"score takes int tokens \[1, n\] with 1 ≤ n ≤ runtime.refocus_interval \(8\)"):
+        part.score(np.zeros((1, R + 1), np.int32))
+
+
 def test_batched_streams_equal_single_streams(run):
     """Two streams of different lengths in one batch produce exactly what each produces alone
     (sampling keys are per stream; idle ingest chunks leave a stream untouched)."""

@@ -126,13 +126,14 @@ def infer(args) -> None:
                       traces=tmp_traces if engine.kind == "mc" else None, strips=out_dir / "lod_strips.txt",
                       strip_every=rt.lod_strip_every if engine.kind == "mc" else 0, echo=bar.write)
     engine.monitor = monitor
+    chunk = engine.chunk_for(max(map(len, docs)))  # one ingest program for every document
     started = time.perf_counter()
     try:
         with open(out_dir / "generations.jsonl", "w") as gens:
             for first in range(0, len(docs), args.batch):
                 group = docs[first : first + args.batch]
                 engine.reset(seed=args.seed)
-                engine.ingest(group + [[] for _ in range(args.batch - len(group))], progress=bar.update)
+                engine.ingest(group + [[] for _ in range(args.batch - len(group))], progress=bar.update, chunk=chunk)
                 if args.generate:
                     outs = np.concatenate(list(engine.generate(args.generate, sampling, seed=args.seed)), axis=1)
                     for i, path in enumerate(paths[first : first + len(group)]):

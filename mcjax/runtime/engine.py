@@ -7,7 +7,7 @@
         print(engine.tokenizer.decode(block[0]), end="")           # int32 [B, R] per block
 
 It holds the device state (`mc.MCState` or `plain.PlainState`) and the jitted programs
-(ingest, generate, and for MegaContext the cache rebuilds; the state donated to each),
+(ingest, generate, score, and for MegaContext the cache rebuilds; the state donated to each),
 picks the rebuild each block needs from the size the previous block reported, cuts
 prompts into chunks of at most `runtime.ingest_chunk` tokens (a power of two ≥ 64 for
 shorter prompts, so a few program sizes serve every prompt), checks capacities before
@@ -43,12 +43,14 @@ def _compute_params(params, dtype):
 
 
 _PROGRAMS: dict = {}
+_PROGRAMS_CALLED: dict[int, set] = {}  # per jitted program set: the (program, shape) keys already compiled
 
 
 def _programs(kind: str, model, cfg):
-    """The runtime's device functions and its jitted programs (ingest, generate, rebuild,
-    pending; the state donated), built once per (engine kind, model, config) in a process, so engines
-    made again for the same run (a notebook, a test) reuse their compilations."""
+    """The runtime's device functions and its jitted programs (ingest, generate, score,
+    rebuild, pending; the state donated), built once per (engine kind, model, config) in a
+    process, so engines made again for the same run (a notebook, a test, an eval suite)
+    reuse their compilations."""
     key = (kind, model, repr(sorted(cfg.to_dict().items())))
     if key not in _PROGRAMS:
         mc = kind == "mc"
@@ -57,6 +59,7 @@ def _programs(kind: str, model, cfg):
             rt,
             jax.jit(rt.ingest, donate_argnums=1),
             jax.jit(rt.generate, static_argnums=2, donate_argnums=1),
+            jax.jit(rt.score, donate_argnums=1),
             jax.jit(rt.rebuild, static_argnums=2, donate_argnums=1) if mc else None,
             jax.jit(rt.pending) if mc else None,
         )
@@ -91,7 +94,7 @@ class Engine:
         else:
             params = {"gpt": run.params["gpt"] if run.megacontext else run.params}
             self.capacity = 2**31 - 1 - cfg.runtime.refocus_interval  # a ring: positions are the only limit
-        self.rt, self._ingest, self._generate, self._rebuild, self._pending_fn = _programs(
+        self.rt, self._ingest, self._generate, self._score, self._rebuild, self._pending_fn = _programs(
             kind, run.model if kind == "mc" else gpt, cfg
         )
         self.params = _compute_params(params, gpt.dtype)
@@ -111,14 +114,21 @@ class Engine:
         self.lengths = np.zeros(self.batch, np.int64)  # host mirror of the tokens each stream holds
         self._pending: int | None = 0  # cache slots the next rebuild needs (None: ask the device)
 
+    def chunk_for(self, tokens: int) -> int:
+        """The ingest chunk for a prompt of `tokens`: a power of two ≥ 64 (a short prompt, a
+        small program), at most `runtime.ingest_chunk`."""
+        return min(self.chunk, max(64, 1 << max(tokens - 1, 0).bit_length()))
+
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Token ids of `text`, after <|bos|> (as every training document starts)."""
         return ([self.tokenizer.bos_id] if bos else []) + self.tokenizer.encode_batch([text])[0]
 
     # ------------------------------------------------------------------ streaming
-    def ingest(self, streams: Sequence[Sequence[int]], progress=None) -> None:
-        """Append streams[i] (token ids) to stream i, in chunks of `runtime.ingest_chunk`.
-        `progress(tokens)` is called after each chunk with the tokens it added."""
+    def ingest(self, streams: Sequence[Sequence[int]], progress=None, chunk: int | None = None) -> None:
+        """Append streams[i] (token ids) to stream i, in chunks of `chunk` tokens (default: the
+        longest stream rounded up to a power of two ≥ 64, at most `runtime.ingest_chunk`; give
+        one size for many calls to compile one program). `progress(tokens)` is called after
+        each chunk with the tokens it added."""
         if len(streams) != self.batch:
             raise UserError(f"{len(streams)} prompts for an engine of {self.batch} streams")
         arrays = [np.asarray(s, np.int32).reshape(-1) for s in streams]
@@ -132,7 +142,7 @@ class Engine:
             if a.size and not (0 <= a.min() and a.max() < vocab):
                 raise UserError(f"stream {i}: token ids must lie in [0, {vocab}), got {a.min()}..{a.max()}")
         longest = max((a.size for a in arrays), default=0)
-        p = min(self.chunk, max(64, 1 << max(longest - 1, 0).bit_length()))  # a short prompt: a small program
+        p = min(self.chunk, chunk or self.chunk_for(longest))
         for c in range(-(-longest // p)):
             chunk = np.zeros((self.batch, p), np.int32)
             n_valid = np.zeros(self.batch, np.int32)
@@ -140,11 +150,12 @@ class Engine:
                 part = a[c * p : (c + 1) * p]
                 chunk[i, : part.size], n_valid[i] = part, part.size
             t0 = time.perf_counter()
+            compiling = self._first(("ingest", p))
             self.state, stats = self._ingest(self.params, self.state, jnp.asarray(chunk), jnp.asarray(n_valid))
             self.lengths += n_valid
             self._pending = None
             if self.monitor is not None:
-                self._report("ingest", stats, t0, tokens=int(n_valid.sum()))
+                self._report("ingest", stats, t0, tokens=int(n_valid.sum()), compiling=compiling)
             if progress is not None:
                 progress(int(n_valid.sum()))
 
@@ -160,16 +171,8 @@ class Engine:
         if max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
         blocks = -(-max_new_tokens // self.block)
-        empty = np.flatnonzero(self.lengths == 0)
-        if blocks and empty.size:
-            raise UserError(f"stream {empty[0]} holds no tokens: ingest a prompt first (at least <|bos|>)")
-        over = np.flatnonzero(self.lengths + blocks * self.block > self.capacity)
-        if blocks and over.size:
-            i = over[0]
-            raise UserError(
-                f"stream {i}: {self.lengths[i]:,} tokens + {blocks * self.block:,} to generate exceed "
-                f"runtime.max_tokens ({self.cfg.runtime.max_tokens:,})"
-            )
+        if blocks:
+            self._check_room(blocks * self.block, "to generate")
         if seed is not None:
             try:
                 keys = stream_keys(seed, self.batch)
@@ -177,36 +180,90 @@ class Engine:
                 raise UserError(str(e)) from None
             self.state = self.state._replace(keys=keys)
         for _ in range(blocks):
-            t0 = time.perf_counter()
-            rebuilt = self.sync()
-            self.state, toks, stats = self._generate(self.params, self.state, sampling)
-            toks = np.asarray(toks)  # waits for the block: the latency a streaming reader sees
-            self.lengths += self.block
-            if self.kind == "mc":
-                self._pending = int(stats["pending"][0])
-                stats = {**stats, "rebuilt": np.full(self.batch, rebuilt)}
-            if self.monitor is not None:
-                self._report("decode", stats, t0, tokens=toks.size)
+            toks, _ = self._block(("generate", sampling), lambda: self._generate(self.params, self.state, sampling))
             yield toks
+
+    def score(self, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher forcing: decode the given tokens (int [B, n], 1 ≤ n ≤ R) as one block, exactly
+        as `generate` would decode them, and append them to the streams (the block is
+        gisted and refocused like a generated one). -> (log-probability of each given
+        token f32 [B, n], the greedy choice at its position int32 [B, n]) — so a greedy
+        `generate` would have produced the tokens iff greedy == tokens everywhere."""
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != self.batch or not 1 <= tokens.shape[1] <= self.block:
+            raise UserError(f"score takes int tokens [{self.batch}, n] with 1 ≤ n ≤ runtime.refocus_interval "
+                            f"({self.block}), got shape {list(tokens.shape)}")
+        vocab = self.cfg.dataset.vocab_size
+        if not (0 <= tokens.min() and tokens.max() < vocab):
+            raise UserError(f"score: token ids must lie in [0, {vocab}), got {tokens.min()}..{tokens.max()}")
+        self._check_room(tokens.shape[1], "to score")
+        toks = jnp.asarray(tokens)
+        (logp, greedy), n = self._block(("score", tokens.shape[1]), lambda: self._score(self.params, self.state, toks))
+        return np.asarray(logp), np.asarray(greedy)
+
+    def _check_room(self, tokens: int, what: str) -> None:
+        empty = np.flatnonzero(self.lengths == 0)
+        if empty.size:
+            raise UserError(f"stream {empty[0]} holds no tokens: ingest a prompt first (at least <|bos|>)")
+        over = np.flatnonzero(self.lengths + tokens > self.capacity)
+        if over.size:
+            i = over[0]
+            raise UserError(
+                f"stream {i}: {self.lengths[i]:,} tokens + {tokens:,} {what} exceed "
+                f"runtime.max_tokens ({self.cfg.runtime.max_tokens:,})"
+            )
+
+    def _block(self, program, call):
+        """Run one decode block (`call()` -> (state, out, stats)) on a synced cache, timed for
+        the monitor. -> (out as numpy, tokens the block added per stream)."""
+        t0 = time.perf_counter()
+        compiling = self._first(program) | (self._pending is None and self._first(("pending",)))
+        size = self._pending_size()
+        compiling |= size > 0 and self._first(("rebuild", size))
+        rebuilt = self.sync()
+        self.state, out, stats = call()
+        out = jax.device_get(out)  # waits for the block: the latency a streaming reader sees
+        n = jax.tree.leaves(out)[0].shape[1]
+        self.lengths += n
+        if self.kind == "mc":
+            self._pending = int(stats["pending"][0])
+            stats = {**stats, "rebuilt": np.full(self.batch, rebuilt)}
+        if self.monitor is not None:
+            self._report("decode", stats, t0, tokens=n * self.batch, compiling=compiling)
+        return out, n
 
     def sync(self) -> int:
         """Bring the KV cache up to date with the layout (generate does it before every block);
         returns the cache slots recomputed."""
         if self.kind != "mc":
             return 0
-        size = int(self._pending_fn(self.params, self.state)) if self._pending is None else self._pending
+        size = self._pending_size()
         if size:
             self.state = self._rebuild(self.params, self.state, size)
         self._pending = 0
         return size
+
+    def _pending_size(self) -> int:
+        """The rebuild the cache needs (asks the device after an ingest, else already known)."""
+        if self._pending is None:
+            self._pending = int(self._pending_fn(self.params, self.state)) if self.kind == "mc" else 0
+        return self._pending
 
     def next_logits(self) -> np.ndarray:
         """f32 [B, V]: the next-token logits of every stream, from the synced cache."""
         self.sync()
         return np.asarray(self.state.logits)
 
-    def _report(self, phase: str, stats, t0: float, *, tokens: int) -> None:
+    def _first(self, program) -> bool:
+        """Is this the first call of `program` (a key) by this engine's programs in this
+        process — one whose time includes compiling it?"""
+        seen = _PROGRAMS_CALLED.setdefault(id(self._generate), set())
+        first = program not in seen
+        seen.add(program)
+        return first
+
+    def _report(self, phase: str, stats, t0: float, *, tokens: int, compiling: bool) -> None:
         stats = jax.device_get(stats)  # waits for the call: t0 → now is its latency
         ms = (time.perf_counter() - t0) * 1e3
         layout = jax.device_get((self.state.block_lod, self.state.last_changed, self.state.step)) if self.kind == "mc" else None
-        self.monitor.record(phase, stats, ms, tokens=tokens, lengths=self.lengths.copy(), layout=layout)
+        self.monitor.record(phase, stats, ms, tokens=tokens, lengths=self.lengths.copy(), layout=layout, compiling=compiling)

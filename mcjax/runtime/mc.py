@@ -32,6 +32,10 @@ How they move:
                  (sampling included), refresh the gists of the blocks they filled, refocus,
                  and report the rebuild size the next block needs (it travels back with
                  the tokens, so choosing costs no extra synchronisation).
+  score          `generate` with the block's tokens given (teacher forcing; n ≤ R): the
+                 log-probability of each given token and the greedy choice at its position,
+                 as `generate` would have decoded them — likelihoods and exact-match checks
+                 of the runtime as it runs.
 
 Refocus: LensNet scores every entry; the focus allocator (`megacontext/allocator.py`,
 `length` = the tokens present) edits the layout within the budget W − R, so the next R
@@ -258,16 +262,24 @@ class MCRuntime:
         logits = jnp.where((count > first)[:, None], kc.logits(gpt, p, last), state.logits)
         return state._replace(cache=cache, cache_pos=wc.pos, cache_lod=wc.lod, cache_n=count, logits=logits)
 
-    def decode(self, params, state: MCState, steps: int, sampling: Sampling) -> tuple[MCState, jnp.ndarray]:
-        """Decode `steps` tokens per stream against the cache, one `lax.scan`. -> tokens [B, steps]."""
+    def decode(self, params, state: MCState, steps: int, sampling: Sampling, forced=None):
+        """Decode `steps` tokens per stream against the cache, one `lax.scan`. -> (state, tokens
+        [B, steps]). With `forced` int32 [B, steps] the tokens are given instead of sampled
+        (teacher forcing) and the scan also returns, per position, the log-probability of
+        the given token and the greedy choice: -> (state, tokens, logprobs f32, greedy int32)."""
         gpt, p, w = self.gpt, params["gpt"], self.w
         b = state.cache_n.shape[0]
         rows = jnp.arange(b)
 
-        def step(carry, _):
+        def step(carry, given):
             ids, length, cache, cache_pos, cache_lod, n, logits, keys = carry
             split = jax.vmap(jax.random.split)(keys)
-            tok = sample(logits, split[:, 1], sampling)
+            if given is None:
+                tok, out = sample(logits, split[:, 1], sampling), ()
+            else:
+                tok = given
+                logp = jax.nn.log_softmax(logits, axis=-1)[rows, tok]
+                out = (logp, jnp.argmax(logits, axis=-1).astype(jnp.int32))
             ids = ids.at[rows, length].set(tok, mode="drop")
             old = jnp.arange(w)[None, None, :] < n[:, None, None]
             hidden, cache = kc.extend(gpt, p, kc.embed(gpt, p, tok[:, None]), length[:, None], None, cache,
@@ -275,22 +287,38 @@ class MCRuntime:
             cache_pos = cache_pos.at[rows, n].set(length, mode="drop")
             cache_lod = cache_lod.at[rows, n].set(0, mode="drop")
             logits = kc.logits(gpt, p, hidden[:, 0])
-            return (ids, length + 1, cache, cache_pos, cache_lod, n + 1, logits, split[:, 0]), tok
+            return (ids, length + 1, cache, cache_pos, cache_lod, n + 1, logits, split[:, 0]), (tok, *out)
 
         t = state.tree
         carry = (t.lod0, t.length, state.cache, state.cache_pos, state.cache_lod, state.cache_n, state.logits, state.keys)
-        (ids, length, cache, cache_pos, cache_lod, n, logits, keys), toks = jax.lax.scan(step, carry, None, length=steps)
+        xs = None if forced is None else forced.T
+        (ids, length, cache, cache_pos, cache_lod, n, logits, keys), outs = jax.lax.scan(step, carry, xs, length=steps)
         state = state._replace(tree=t._replace(lod0=ids, length=length), cache=cache, cache_pos=cache_pos,
                                cache_lod=cache_lod, cache_n=n, logits=logits, keys=keys)
-        return state, toks.T
+        return (state, *(x.T for x in outs))
 
     def generate(self, params, state: MCState, sampling: Sampling) -> tuple[MCState, jnp.ndarray, dict]:
         """One block on a synced cache: decode R tokens, gist the blocks they filled, refocus.
         -> (state, tokens int32 [B, R], refocus stats [B] with `pending`: the rebuild size
         the next block needs)."""
         state, toks = self.decode(params, state, self.r, sampling)
+        state, stats = self._after_block(params, state, self.r)
+        return state, toks, stats
+
+    def score(self, params, state: MCState, tokens: jnp.ndarray) -> tuple[MCState, tuple, dict]:
+        """`generate` with the block's n ≤ R tokens given (int32 [B, n]) instead of sampled:
+        decoded against the cache exactly as `generate` decodes, then gisted and refocused.
+        -> (state, (log-probabilities f32 [B, n] of the given tokens, greedy choices int32
+        [B, n]), refocus stats as `generate`'s)."""
+        state, _, logp, greedy = self.decode(params, state, tokens.shape[1], Sampling(), forced=tokens)
+        state, stats = self._after_block(params, state, tokens.shape[1])
+        return state, (logp, greedy), stats
+
+    def _after_block(self, params, state: MCState, n: int) -> tuple[MCState, dict]:
+        """After n decoded tokens: refresh the gists of the blocks they filled, refocus, and
+        report the rebuild size the next block needs."""
         gist, embed = self._gist(params), self._embed(params)
-        tree = jax.vmap(lambda t: refresh(gist, t, t.length - self.r, self.r, embed))(state.tree)
+        tree = jax.vmap(lambda t: refresh(gist, t, t.length - n, n, embed))(state.tree)
         cached = state.block_lod  # the layout the cache holds (decoded tokens only extend it)
         state, stats = self._refocus(params, state._replace(tree=tree), self.w, jnp.ones_like(state.step, bool))
         # The cache stays valid up to the first block the refocus changed: no WC to assemble.
@@ -299,4 +327,4 @@ class MCRuntime:
         first = jnp.argmax(changed, axis=-1)[:, None]  # the first changed block
         before = jnp.where(jnp.arange(changed.shape[-1]) < first, counts, 0).sum(-1)  # its entries before it
         need = jnp.where(changed.any(-1), counts.sum(-1) - before, 0)
-        return state, toks, {**stats, "pending": jnp.broadcast_to(self._size(need), state.step.shape)}
+        return state, {**stats, "pending": jnp.broadcast_to(self._size(need), state.step.shape)}

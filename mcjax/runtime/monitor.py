@@ -12,8 +12,8 @@ layouts, and writes:
     (entries / W_max), runtime/active_tokens, runtime/budget_limit (W_max), runtime/tokens
     (history length); for decode blocks runtime/latency_ms and runtime/latency_p99 (over
     the blocks so far), for ingest chunks runtime/ingest_ms and runtime/ingest_tok_per_sec;
-    device memory. The first call of each phase includes compiling its program: it is
-    logged, but left out of the latency percentiles and of `summary`;
+    device memory. A call that compiled a program (the engine says so) is logged, but
+    left out of the latency percentiles and of `summary`;
   - one action-trace line per stream (`traces`, JSONL, the spec's format): step, stream,
     phase, tokens, expanded / collapsed (block ids whose level fell / rose), the
     working context by level (block ids at LOD0 and LOD1, superblock ids at LOD2),
@@ -55,13 +55,15 @@ class Monitor:
         self.count = 0
         self.latencies: list[float] = []  # decode blocks' ms, compilation left out
         self.ingest_rates: list[float] = []
-        self._phases: set[str] = set()
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = []  # the metrics of every refocus, and its phase
+        self.phases: list[str] = []
+        self.compiled: list[bool] = []  # whether each refocus's call compiled a program
         self._previous: np.ndarray | None = None
         self.timeline: list[tuple[int, np.ndarray]] = []  # (refocus count, layout of stream 0) for the PNG
         self._timeline_rows = timeline_rows
 
-    def record(self, phase: str, stats: dict, ms: float, *, tokens: int, lengths: np.ndarray, layout=None) -> dict[str, float]:
+    def record(self, phase: str, stats: dict, ms: float, *, tokens: int, lengths: np.ndarray, layout=None,
+               compiling: bool = False) -> dict[str, float]:
         """One refocus (see the module doc). Returns the metrics row it logged."""
         self.count += 1
         active = np.asarray(stats.pop("active", np.ones_like(lengths, bool)), bool)  # streams this call refocused
@@ -73,8 +75,6 @@ class Monitor:
             row["runtime/active_tokens"] = row.pop("runtime/entries_after")
             row["runtime/budget_limit"] = float(self.w_max)
         row["runtime/tokens"] = float(np.mean(lengths))
-        compiling = phase not in self._phases
-        self._phases.add(phase)
         if phase == "decode":
             row["runtime/latency_ms"] = ms
             if not compiling:
@@ -95,6 +95,8 @@ class Monitor:
         if self.telemetry is not None:
             self.telemetry.log(self.count, row, hists)
         self.rows.append(row)
+        self.phases.append(phase)
+        self.compiled.append(compiling)
         return row
 
     def _residency(self, last_changed: np.ndarray, steps: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -127,12 +129,15 @@ class Monitor:
                 self.echo(text)
 
     def summary(self) -> dict[str, float]:
-        """Means over the refocuses (decode blocks for latency) of what the POC criteria judge."""
+        """What the POC criteria judge: means over the decode blocks' refocuses (steady
+        state), the ingest chunks' (which must collapse whole chunks) apart."""
         out: dict[str, float] = {"runtime/refocuses": float(self.count)}
-        for key in ("runtime/swap_rate", "runtime/mean_residency", "runtime/token_budget_utilization", "runtime/num_forced_collapses"):
-            values = [r[key] for r in self.rows if key in r]
-            if values:
-                out[key] = float(np.mean(values))
+        for phase, prefix in (("decode", "runtime/"), ("ingest", "runtime/ingest_")):
+            rows = [r for r, p in zip(self.rows, self.phases) if p == phase]
+            for key in ("swap_rate", "mean_residency", "token_budget_utilization", "num_forced_collapses"):
+                values = [r[f"runtime/{key}"] for r in rows if f"runtime/{key}" in r]
+                if values:
+                    out[prefix + key] = float(np.mean(values))
         if self.latencies:
             out["runtime/latency_ms_median"] = float(np.median(self.latencies))
             out["runtime/latency_p99"] = float(np.percentile(self.latencies, 99))

@@ -7,7 +7,8 @@ position p sits in slot p mod W, so writing a token evicts the one W positions b
 which is exactly the one that has left its window; keys keep their global RoPE
 positions, so nothing is ever recomputed. `ingest` takes chunks of P ≤ W tokens: the
 chunk attends to the ring (before it is overwritten) under the band mask and to itself
-causally, then is written. `generate` decodes R tokens in one `lax.scan`.
+causally, then is written. `generate` decodes R tokens in one `lax.scan`; `score` decodes
+given tokens the same way (teacher forcing).
 """
 
 from __future__ import annotations
@@ -68,20 +69,33 @@ class PlainRuntime:
         logits = jnp.where((n_valid > 0)[:, None], kc.logits(self.gpt, params["gpt"], last), state.logits)
         return state._replace(logits=logits), {}
 
-    def decode(self, params, state: PlainState, steps: int, sampling: Sampling) -> tuple[PlainState, jnp.ndarray]:
-        """Decode `steps` tokens per stream, one `lax.scan`. -> tokens [B, steps]."""
+    def decode(self, params, state: PlainState, steps: int, sampling: Sampling, forced=None):
+        """Decode `steps` tokens per stream, one `lax.scan`. -> (state, tokens [B, steps]); with
+        `forced` int32 [B, steps] as `MCRuntime.decode`: -> (state, tokens, logprobs, greedy)."""
         ones = jnp.ones(state.length.shape, jnp.int32)
+        rows = jnp.arange(state.length.shape[0])
 
-        def step(s: PlainState, _):
+        def step(s: PlainState, given):
             split = jax.vmap(jax.random.split)(s.keys)
-            tok = sample(s.logits, split[:, 1], sampling)
+            if given is None:
+                tok, out = sample(s.logits, split[:, 1], sampling), ()
+            else:
+                tok = given
+                logp = jax.nn.log_softmax(s.logits, axis=-1)[rows, tok]
+                out = (logp, jnp.argmax(s.logits, axis=-1).astype(jnp.int32))
             s, hidden = self._extend(params, s, tok[:, None], ones)
-            return s._replace(logits=kc.logits(self.gpt, params["gpt"], hidden[:, 0]), keys=split[:, 0]), tok
+            return s._replace(logits=kc.logits(self.gpt, params["gpt"], hidden[:, 0]), keys=split[:, 0]), (tok, *out)
 
-        state, toks = jax.lax.scan(step, state, None, length=steps)
-        return state, toks.T
+        state, outs = jax.lax.scan(step, state, None if forced is None else forced.T, length=steps)
+        return (state, *(x.T for x in outs))
 
     def generate(self, params, state: PlainState, sampling: Sampling) -> tuple[PlainState, jnp.ndarray, dict]:
         """One block of R tokens (no refocus). -> (state, tokens int32 [B, R], {})."""
         state, toks = self.decode(params, state, self.r, sampling)
         return state, toks, {}
+
+    def score(self, params, state: PlainState, tokens: jnp.ndarray) -> tuple[PlainState, tuple, dict]:
+        """`generate` with the tokens given (int32 [B, n]). -> (state, (logprobs f32 [B, n],
+        greedy int32 [B, n]), {})."""
+        state, _, logp, greedy = self.decode(params, state, tokens.shape[1], Sampling(), forced=tokens)
+        return state, (logp, greedy), {}
