@@ -1,6 +1,6 @@
-"""`mcjax <command>`: prep, train and bench on a config; generate and infer on a trained run.
+"""`mcjax <command>`: prep, train and bench on a config; generate, infer and eval on a trained run.
 
-prep, train and bench take `--config FILE`; generate and infer take `--run RUN` (a run
+prep, train and bench take `--config FILE`; generate, infer and eval take `--run RUN` (a run
 name under artifacts/runs/ or a run directory). All take trailing `a.b=value`
 overrides. Errors a user can cause are printed as one line (`mcjax: error: ...`) with
 exit code 2, never a traceback; a training run stopped by a non-finite loss, gradient or
@@ -65,6 +65,12 @@ def cmd_infer(args) -> None:
     infer(args)
 
 
+def cmd_eval(args) -> None:
+    from mcjax.eval.cli import main as eval_main
+
+    eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -106,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, action="append", help="a file or glob of documents (.txt, .py, ...), one stream each; repeat for more")
     p.add_argument("--generate", type=int, default=0, help="after each document, generate this many tokens (default 0)")
     p.add_argument("--batch", type=int, default=1, help="documents streamed side by side (default 1)")
+
+    p = sub.add_parser("eval", help="evaluation suites and the POC acceptance report of a trained run",
+                       description="evaluation suites and the POC acceptance report of a trained run "
+                                   "(sizes: eval.* overrides; outputs under <out>/eval/<run>/)")
+    p.add_argument("--run", required=True, help="a run name under artifacts/runs/, or a run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--suite", action="append", default=None, metavar="SUITE",
+                   help="delta, focus, retrieval, boundary, stability or all (default; repeat or comma-separate)")
+    p.add_argument("--data", action="append", default=None, metavar="NAME=GLOB",
+                   help="evaluate on these files instead of the run's held-out documents (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides of the run's config (eval.*, runtime.*, allocator.*)")
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

@@ -39,6 +39,7 @@ class DatasetConfig:
     context_tokens: int = 512  # T: tokens per training sequence
     horizon: int = 32  # H: tokens over which ΔNLL is measured
     val_fraction: float = 0.05  # share of sequences held out when train and val share a source
+    eval_fraction: float = 0.0  # share of the train source's documents kept out of train and val for `mcjax eval`
     max_source_bytes: int = 0  # read at most this many bytes of source text per split; 0 = all
 
 
@@ -122,6 +123,28 @@ class RuntimeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`mcjax eval` (mcjax/eval/): what each suite measures and how much of it."""
+
+    wmax: tuple[int, ...] = ()  # W_max of the ΔNLL, focus and boundary suites (rows of W_max tokens); () = megacontext.wc_capacity
+    horizons: tuple[int, ...] = (32, 64, 128)  # H of ΔNLL@H: the last H tokens of a row (kept raw)
+    targets: tuple[float, ...] = (0.5, 0.25, 0.1)  # random / LensNet layouts of the ΔNLL sweep: entries × W_max
+    rows: int = 16  # rows per dataset and W_max (ΔNLL, focus)
+    batch: int = 8  # rows or streams per device call
+    focus_target: float = 0.25  # the focus suite's equal budget: entries × W_max
+    oracle_rows: int = 2  # rows per dataset and W_max searched by the counterfactual oracle
+    oracle_rounds: int = 8  # its greedy rounds (each one forward per candidate expansion)
+    retrieval_lengths: tuple[int, ...] = ()  # prompt tokens; () = 1024, 2048, … up to min(runtime.max_tokens, 8 × W_max)
+    retrieval_depths: tuple[int, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)  # needle depth, % of the filler
+    retrieval_samples: int = 2  # prompts per task, length and depth
+    full_context_max: int = 16384  # longest prompt the full-context baseline reads
+    boundary_length: int = 0  # tokens per boundary row; 0 = max(W_max, the least that holds a LOD2 superblock)
+    boundary_samples: int = 4  # rows per offset within a block
+    stability_refocuses: int = 1000  # decode blocks of the stability run
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     batch_size: int = 8  # sequences per optimizer step, across all devices
     micro_batch_size: int = 0  # sequences per forward/backward pass; 0 = batch_size
@@ -186,6 +209,7 @@ class Config:
     megacontext: MegaContextConfig = MegaContextConfig()
     allocator: AllocatorConfig = AllocatorConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    eval: EvalConfig = EvalConfig()
     training: TrainingConfig = TrainingConfig()
     mesh: MeshConfig = MeshConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -215,9 +239,19 @@ class Config:
         return t.max_steps or max(1, t.token_budget // self.tokens_per_step)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Plain dicts, lists and scalars (what `save_config` writes as YAML)."""
+        d = _lists(dataclasses.asdict(self))
         d.pop("source_file")
         return d
+
+
+def _lists(x: Any) -> Any:
+    """Tuples (list-valued keys) as lists, recursively: YAML's safe dumper writes no tuples."""
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_lists(v) for v in x]
+    return x
 
 
 # ----------------------------------------------------------------------------- loading
@@ -305,6 +339,11 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key}: expected a mapping, got {_show(value)}")
         return {str(k): _convert(vt, v, f"{key}.{k}", where) for k, v in value.items()}
+    if origin is tuple:  # tuple[X, ...]: a YAML list of X
+        (inner, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}: expected a list, got {_show(value)}")
+        return tuple(_convert(inner, v, f"{key}[{i}]", where) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -394,6 +433,8 @@ def validate(cfg: Config) -> None:
         fail("dataset.vocab_size", f"must be ≥ 264 (bytes + specials), got {d.vocab_size}")
     if not 0.0 <= d.val_fraction < 1.0:
         fail("dataset.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        fail("dataset.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     if d.max_source_bytes < 0:
         fail("dataset.max_source_bytes", f"must be ≥ 0, got {d.max_source_bytes}")
 
@@ -412,6 +453,7 @@ def validate(cfg: Config) -> None:
         fail("base_model.loss_chunk_tokens", f"must be ≥ 0, got {m.loss_chunk_tokens}")
 
     _validate_megacontext(cfg, fail)
+    _validate_eval_keys(cfg, fail)
 
     if t.batch_size < 1:
         fail("training.batch_size", f"must be ≥ 1, got {t.batch_size}")
@@ -525,6 +567,29 @@ def _validate_runtime_keys(cfg: Config, fail) -> None:
         fail("runtime.prefill_buckets", f"must be ≥ 1, got {rt.prefill_buckets}")
     if rt.lod_strip_every < 0:
         fail("runtime.lod_strip_every", f"must be ≥ 0 (0 = never), got {rt.lod_strip_every}")
+
+
+def _validate_eval_keys(cfg: Config, fail) -> None:
+    """Ranges of the eval keys; what depends on the run (W_max against the tail) is checked
+    by `mcjax eval` (`eval/setup.py`)."""
+    ev = cfg.eval
+    for key in ("rows", "batch", "oracle_rows", "retrieval_samples", "boundary_samples", "stability_refocuses"):
+        if getattr(ev, key) < 1:
+            fail(f"eval.{key}", f"must be ≥ 1, got {getattr(ev, key)}")
+    for key in ("oracle_rounds", "full_context_max", "boundary_length"):
+        if getattr(ev, key) < 0:
+            fail(f"eval.{key}", f"must be ≥ 0, got {getattr(ev, key)}")
+    if not ev.horizons or min(ev.horizons) < 1:
+        fail("eval.horizons", f"must be a non-empty list of positive token counts, got {list(ev.horizons)}")
+    for key in ("wmax", "retrieval_lengths"):
+        if any(v < 1 for v in getattr(ev, key)):
+            fail(f"eval.{key}", f"must list positive token counts, got {list(getattr(ev, key))}")
+    if not ev.targets or not all(0 < f <= 1 for f in ev.targets):
+        fail("eval.targets", f"must be a non-empty list of fractions in (0, 1], got {list(ev.targets)}")
+    if not 0 < ev.focus_target <= 1:
+        fail("eval.focus_target", f"must be a fraction in (0, 1], got {ev.focus_target}")
+    if not ev.retrieval_depths or not all(0 <= d <= 100 for d in ev.retrieval_depths):
+        fail("eval.retrieval_depths", f"must be a non-empty list of percentages in [0, 100], got {list(ev.retrieval_depths)}")
 
 
 def runtime_capacity(cfg: Config) -> int:

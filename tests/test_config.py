@@ -221,3 +221,19 @@ def test_allocator_values(tmp_path):
     assert "allocator.expand_threshold: must be in [0, 1]" in _error(tmp_path, ["allocator.expand_threshold=1.5"])
     assert "allocator.max_replacements: must be ≥ 1" in _error(tmp_path, ["allocator.max_replacements=0"])
     assert "lensnet.num_heads" in _error(tmp_path, ["lensnet.num_heads=3"])
+
+
+def test_list_keys_round_trip_and_check_their_items(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, eval={"wmax": [128, 512], "targets": ["1e-1", 0.5]}))
+    cfg = load_config(path, ["eval.horizons=[8,16]"])
+    assert cfg.eval.wmax == (128, 512) and cfg.eval.targets == (0.1, 0.5) and cfg.eval.horizons == (8, 16)
+    save_config(cfg, tmp_path / "mirror.yaml")
+    assert load_config(tmp_path / "mirror.yaml") == dataclasses.replace(cfg, source_file=str(tmp_path / "mirror.yaml"))
+    with pytest.raises(ConfigError, match=r"c.yaml: eval.wmax: expected a list, got int 5"):
+        load_config(path, ["eval.wmax=5"])
+    with pytest.raises(ConfigError, match=r"c.yaml: eval.wmax\[1\]: expected an integer, got str 'x'"):
+        load_config(path, ["eval.wmax=[64,x]"])
+    with pytest.raises(ConfigError, match=r"eval.targets: must be a non-empty list of fractions in \(0, 1\], got \[1.5\]"):
+        load_config(path, ["eval.targets=[1.5]"])
+    with pytest.raises(ConfigError, match=r"dataset.eval_fraction: must be in \[0, 1\), got 1.0"):
+        load_config(path, ["dataset.eval_fraction=1"])

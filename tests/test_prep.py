@@ -222,3 +222,22 @@ def test_a_given_tokenizer_is_used_and_checked(tmp_path):
     missing = make_cfg(tmp_path / "out3", tokenizer=str(tmp_path / "nope.json"))
     with pytest.raises(DataError, match="nope.json"):
         prepare(missing, log=quiet)
+
+
+def test_eval_fraction_keeps_whole_documents_out_of_every_row(tmp_path, monkeypatch):
+    """Held-out documents (by kind, chosen by name) appear in no row: train and val together are
+    exactly the rows of the stream of the documents kept; meta.json names the held-out ones."""
+    monkeypatch.chdir(tmp_path)
+    texts = {f"corpus/doc{i}.txt": lorem(i, 400) for i in range(8)}
+    texts.update({f"corpus/mod{i}.py": f"def f{i}(x):\n    return x * {i}\n" * 60 for i in range(4)})
+    write_texts(tmp_path, texts)
+    cfg = make_cfg(Path("out"), train="corpus/*", val="corpus/*", eval_fraction=0.25, max_source_bytes=0)
+    meta = prepare(cfg, log=quiet)
+    held = meta["held_out"]
+    assert len(held["narrative"]) == 2 and len(held["code"]) == 1  # round(0.25 · 8), round(0.25 · 4)
+    assert set(held["narrative"]) <= set(texts) and held["code"][0].endswith(".py")
+    kept = [(n, t) for n, t in sorted(texts.items()) if n not in held["narrative"] + held["code"]]
+    rows = cut_rows(token_stream(Tokenizer.load("out/tokenizer.json"), kept), T)
+    got = np.concatenate([read_rows(Path("out/train.arrow")), read_rows(Path("out/val.arrow"))])
+    assert sorted(map(tuple, got)) == sorted(map(tuple, rows))
+    assert meta["splits"]["train"]["documents"] == len(kept)

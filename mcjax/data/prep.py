@@ -8,7 +8,9 @@ token stream and cut it into rows of T+1 tokens (T = dataset.context_tokens):
 so every one of a row's T input positions has a next-token target, and the T inputs are T/K
 blocks of K = dataset.block_size tokens. When train and val share a source, val is a seeded
 random selection of max(1, round(val_fraction * n)) of the n rows and train is the rest (both
-in ascending row order).
+in ascending row order). With `dataset.eval_fraction` > 0, whole documents of the train
+source are set aside first (`holdout.py`), for `mcjax eval`: no row holds any of them, and
+meta.json lists them (`held_out`, by kind).
 
 Each split is written as an Arrow IPC file with one column `tokens: fixed_size_list<uint16|int32,
 T+1>`; `tokenizer.json` and `meta.json` go beside the train file. Everything is built in memory
@@ -34,6 +36,7 @@ import pyarrow as pa
 
 from mcjax.config import Config
 from mcjax.data.corpus import Document, read_documents
+from mcjax.data.holdout import split_documents
 from mcjax.data.tokenizer import Tokenizer, train_bpe
 from mcjax.errors import ConfigError, DataError
 
@@ -101,6 +104,8 @@ def prepare(cfg: Config, *, force: bool = False, log: Log = print) -> dict[str, 
                 max_bytes=d.max_source_bytes,
             )
         seconds[name] = time.perf_counter() - t0
+    train_source = d.splits["train"].source
+    docs[train_source], held = split_documents(docs[train_source], d.eval_fraction)
 
     t0 = time.perf_counter()
     tok = _tokenizer(cfg, docs[d.splits["train"].source])
@@ -118,7 +123,7 @@ def prepare(cfg: Config, *, force: bool = False, log: Log = print) -> dict[str, 
     if "val" in d.splits and d.splits["val"].source == d.splits["train"].source:
         rows["train"], rows["val"] = _hold_out(cfg, rows["train"])
 
-    meta = _write_all(cfg, tok, rows, docs)
+    meta = _write_all(cfg, tok, rows, docs, {k: [name for name, _ in v] for k, v in held.items()})
     for name in names:
         s = meta["splits"][name]
         log(
@@ -218,7 +223,8 @@ def _sha256(path: Path) -> str:
 
 
 def _write_all(
-    cfg: Config, tok: Tokenizer, rows: dict[str, np.ndarray], docs: dict[str, list[Document]]
+    cfg: Config, tok: Tokenizer, rows: dict[str, np.ndarray], docs: dict[str, list[Document]],
+    held_out: dict[str, list[str]],
 ) -> dict[str, Any]:
     """Write every file into temp dirs beside the outputs, then move them into place."""
     d = cfg.dataset
@@ -255,6 +261,7 @@ def _write_all(
             "context_tokens": t,
             "block_size": d.block_size,
             "splits": splits,
+            "held_out": held_out,
             "tokenizer_sha256": _sha256(staged[TOKENIZER_FILE]),
             "config_fingerprint": config_fingerprint(cfg),
         }

@@ -1,0 +1,127 @@
+"""Layouts the eval suites compare, for rows of N1 blocks whose last `tail` blocks stay raw.
+
+  full        every block at LOD0: the full-context reference (L entries)
+  lod1        every block before the tail at LOD1 (32× there)
+  lod2        every complete superblock before the tail at LOD2 (1024× there), the
+              remaining blocks before the tail at LOD1
+  floor       the least a budget allows: lod1, then the oldest superblocks at LOD2 until
+              it fits — where every other budgeted policy starts
+  recency     the floor, then the newest gists expanded to LOD0 while the budget allows:
+              the most recent blocks raw, older ones in gists
+  random      uniformly random compression at the budget: random superblocks to LOD2 until
+              the floor fits, then random raw blocks to LOD1 until the layout does
+  lensnet     what the runtime engine holds after ingesting the row with W_max = budget + R
+              (LensNet scores, the focus allocator's forced collapses and edits;
+              `lensnet_layouts`)
+Budgeted layouts hold at most `budget` entries (recency and random within K − 1 of it
+where the granularity allows). All are numpy int8 [N1] and valid (`check_layout`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from mcjax.eval.setup import Plan, derive
+from mcjax.megacontext.layout import entry_count
+
+
+def full(n1: int) -> np.ndarray:
+    return np.zeros(n1, np.int8)
+
+
+def lod1(n1: int, k: int, tail_blocks: int) -> np.ndarray:
+    lod = np.zeros(n1, np.int8)
+    lod[: n1 - tail_blocks] = 1
+    return lod
+
+
+def _supers(n1: int, k: int, tail_blocks: int) -> int:
+    """Complete superblocks wholly before the tail."""
+    return (n1 - tail_blocks) // k
+
+
+def lod2(n1: int, k: int, tail_blocks: int) -> np.ndarray:
+    lod = lod1(n1, k, tail_blocks)
+    lod[: _supers(n1, k, tail_blocks) * k] = 2
+    return lod
+
+
+def floor(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2) -> np.ndarray | None:
+    """The lod1 layout with the oldest superblocks at LOD2 until ≤ budget; None if none fits."""
+    lod = lod1(n1, k, tail_blocks)
+    supers = _supers(n1, k, tail_blocks) if max_lod >= 2 else 0
+    for s in range(supers + 1):
+        lod[: s * k] = 2
+        if entry_count(lod, k) <= budget:
+            return lod
+    return None
+
+
+def recency(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2) -> np.ndarray | None:
+    lod = floor(n1, k, tail_blocks, budget, max_lod)
+    if lod is None:
+        return None
+    count = entry_count(lod, k)
+    for b in range(n1 - tail_blocks - 1, -1, -1):
+        if lod[b] != 1 or count + k - 1 > budget:
+            break
+        lod[b], count = 0, count + k - 1
+    return lod
+
+
+def random(rng: np.random.Generator, n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2) -> np.ndarray | None:
+    free = n1 - tail_blocks
+    lod = np.zeros(n1, np.int8)
+    gists = lod1(n1, k, tail_blocks)
+    supers = rng.permutation(_supers(n1, k, tail_blocks)) if max_lod >= 2 else np.zeros(0, int)
+    chosen = 0
+    while entry_count(np.where(lod == 2, 2, gists), k) > budget:
+        if chosen == len(supers):
+            return None
+        s = supers[chosen]
+        lod[s * k : (s + 1) * k] = 2
+        chosen += 1
+    count = entry_count(lod, k)
+    for b in rng.permutation(free):
+        if count <= budget:
+            break
+        if lod[b] == 0:
+            lod[b], count = 1, count - (k - 1)
+    return lod
+
+
+def compression_ratio(lod: np.ndarray, k: int, tail_blocks: int) -> float:
+    """Tokens per entry before the tail (1 for raw blocks, 32 for LOD1, 1024 for LOD2 at K = 32)."""
+    head = np.asarray(lod)[: len(lod) - tail_blocks]
+    entries = entry_count(head, k) if len(head) else 0
+    return float(len(head) * k / entries) if entries else 1.0
+
+
+def lensnet_layouts(plan: Plan, rows: np.ndarray, budget: int, progress: Callable[[int], None] | None = None,
+                    seed: int = 0) -> np.ndarray:
+    """The layouts the MegaContext runtime engine holds after ingesting each row's L tokens
+    (`runtime.ingest_chunk` at a time, LensNet + allocator after each chunk) with W_max =
+    budget + R and no collapse margin, so its final layout has ≤ budget entries; the
+    allocator's settings are the run's. rows int [R, L+1] -> int8 [R, L/K]."""
+    from mcjax.runtime import Engine
+
+    length = rows.shape[1] - 1
+    rt = plan.cfg.runtime
+    cfg = derive(plan.cfg, {"megacontext.wc_capacity": budget + rt.refocus_interval, "megacontext.recent_tokens": plan.tail,
+                            "runtime.collapse_margin": 0, "runtime.max_tokens": length})
+    batch = min(plan.ev.batch, len(rows))
+    engine = Engine(dataclasses.replace(plan.run, cfg=cfg), kind="mc", batch=batch)
+    n1 = length // plan.k
+    out = np.empty((len(rows), n1), np.int8)
+    chunk = engine.chunk_for(length)
+    for start in range(0, len(rows), batch):
+        group = [r[:length] for r in rows[start : start + batch]]
+        engine.reset(seed)
+        engine.ingest(group + [[]] * (batch - len(group)), chunk=chunk)
+        out[start : start + len(group)] = np.asarray(engine.state.block_lod)[: len(group), :n1]
+        if progress is not None:
+            progress(len(group))
+    return out
