@@ -295,3 +295,31 @@ def test_a_plain_run_takes_retrieval_only(runs, capsys):
     assert code == 0, err
     methods = {r["method"] for r in pq.read_table(runs / "eval" / "plain" / "retrieval.parquet").to_pylist()}
     assert methods == {"full", "recency"}
+
+
+def test_acceptance_judges_only_what_was_measured_at_its_scale():
+    from mcjax.eval.report import acceptance
+
+    def delta(w, v):
+        return [{"w_max": w, "horizon": 128, "dataset": "code", "policy": p, "delta_nll": v, "compression_ratio": 32.0}
+                for p in ("lod1", "lod2")]
+
+    def status(suites, trained):
+        return {a["criterion"]: (a["status"], a["value"]) for a in acceptance(suites, trained)}
+
+    suites = {"delta": {"summary": {"rows": delta(2048, 0.05) + delta(8192, -0.4)}}}
+    got = status(suites, trained=2048)  # 8,192 is beyond the trained length: read at 2,048, too small for "8k"
+    assert got["ΔNLL@128 at W_max = 8k, 32× (code)"] == ("FAIL", 0.05)
+    assert got["ΔNLL@128 at 1024× (LOD2 gists, worst dataset)"] == ("PASS", 0.05)
+    assert got["swap rate over a 1,000-refocus run"][0] == "NOT RUN"
+    assert status(suites, trained=8192)["ΔNLL@128 at W_max = 8k, 32× (code)"] == ("PASS", -0.4)
+    far = status({"delta": {"summary": {"rows": delta(8192, 0.01)}}}, trained=2048)
+    assert far["ΔNLL@128 at 1024× (LOD2 gists, worst dataset)"][0] == "FAIL"  # only beyond the trained length
+    st = {"refocuses": 1000, "w_max": 2048, "swap_rate": 0.3, "mean_residency_at_swap": float("nan"), "swaps": 0,
+          "token_budget_utilization": 0.85, "latency_overhead": 0.05, "latency_ms_median": 1.05, "plain_latency_ms_median": 1.0}
+    got = status({"stability": {"summary": st}}, trained=2048)
+    assert got["swap rate over a 1,000-refocus run"] == ("FAIL", 0.3)
+    assert got["mean residency (refocuses at a level before a swap)"] == ("PASS", float("inf"))  # no block ever swapped
+    assert got["token budget utilization"][0] == got["latency overhead vs the plain engine"][0] == "PASS"
+    short = status({"stability": {"summary": {**st, "refocuses": 999, "swap_rate": 0.1}}}, trained=2048)
+    assert short["swap rate over a 1,000-refocus run"] == ("FAIL", 0.1)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from mcjax.errors import UserError
-from mcjax.eval.setup import NEEDS_MC, SUITES
+from mcjax.eval.setup import SUITES
 
 OUTPUTS = {  # suite -> (tables, plots)
     "delta": (("eval_sweep",), ("delta_scatter.png",)),
@@ -157,12 +157,12 @@ def _load_suites(out_dir: Path) -> dict[str, dict]:
 
 def acceptance_card(title: str, accept: list[dict]) -> str:
     """The acceptance rows as a short table for the terminal."""
-    from mcjax.eval.report import _fmt
+    from mcjax.eval.report import value_text
 
     width = max(len(a["criterion"]) for a in accept)
     lines = [f"── POC acceptance: {title} " + "─" * max(0, 40 - len(title))]
     for a in accept:
-        lines.append(f"  {a['criterion']:<{width}}  {a['target']:<8} {_fmt(a['value']):>9}  {a['status']:<7} ({a['measured']})")
+        lines.append(f"  {a['criterion']:<{width}}  {a['target']:<8} {value_text(a):>9}  {a['status']:<7} ({a['measured']})")
     return "\n".join(lines)
 
 
@@ -216,5 +216,3 @@ def main(args) -> None:
     print(acceptance_card(f"{run.run_dir.name} step {run.step}", accept))
     print(f"eval: {len(suites)} suite(s) in {time.perf_counter() - started:.0f}s; report: {out_dir / 'report.md'}")
 
-
-__all__ = ["main", "NEEDS_MC"]

@@ -36,7 +36,7 @@ ACCEPT_W, ACCEPT_H, ACCEPT_REFOCUSES = 8192, 128, 1000
 def _row(criterion: str, target: str, value: float | None, ok: bool | None, scale_ok: bool, measured: str) -> dict:
     if value is None:
         status = "NOT RUN"
-    elif not math.isfinite(value):
+    elif math.isnan(value):  # measured, but nothing to judge (∞ residency: no block ever swapped, is a value)
         status = "FAIL"
     else:
         status = "PASS" if (ok and scale_ok) else "FAIL"
@@ -113,6 +113,11 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return str(x)
 
 
+def value_text(row: dict) -> str:
+    """An acceptance row's measured value as the report prints it (shares as percentages)."""
+    return _fmt(row["value"], pct="%" in row["target"])
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
@@ -125,8 +130,7 @@ def markdown(meta: dict, suites: dict[str, dict], accept: list[dict]) -> str:
              f"{', '.join(suites) or 'none'}. Held-out data: {meta['data']}.", "",
              "## POC acceptance", ""]
     lines += _table(["criterion", "target", "measured", "at", "status"],
-                    [[a["criterion"], a["target"], _fmt(a["value"], pct="utilization" in a["criterion"] or "latency" in a["criterion"]),
-                      a["measured"], f"**{a['status']}**"] for a in accept])
+                    [[a["criterion"], a["target"], value_text(a), a["measured"], f"**{a['status']}**"] for a in accept])
     if "delta" in suites:
         s = suites["delta"]["summary"]["rows"]
         hs = sorted({r["horizon"] for r in s})
