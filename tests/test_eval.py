@@ -174,8 +174,7 @@ def test_lensnet_layouts_come_from_the_runtime_engine_within_budget(runs):
 @pytest.mark.parametrize("task", ["passkey", "kv"])
 def test_passkey_prompts_put_the_needle_where_they_say(runs, task):
     from mcjax.eval.passkey import make_prompt
-    from mcjax.eval.retrieval import filler_tokens
-    from mcjax.eval.data import load_datasets
+    from mcjax.eval.data import filler_tokens, load_datasets
     from mcjax.restore import load_run
 
     run = load_run(runs / "runs" / "mc")
@@ -199,8 +198,7 @@ def test_passkey_prompts_put_the_needle_where_they_say(runs, task):
 
 def test_boundary_rows_put_the_critical_token_at_each_offset(runs):
     from mcjax.eval.boundary import make_row
-    from mcjax.eval.data import load_datasets
-    from mcjax.eval.retrieval import filler_tokens
+    from mcjax.eval.data import filler_tokens, load_datasets
 
     plan = _plan(runs)
     tok = plan.run.tokenizer

@@ -46,6 +46,6 @@ def held_out_names(names: Sequence[str], fraction: float) -> dict[str, list[str]
 def split_documents(docs: Sequence[Document], fraction: float) -> tuple[list[Document], dict[str, list[Document]]]:
     """(the documents training keeps, the held-out documents of each kind)."""
     held = held_out_names([name for name, _ in docs], fraction)
-    out = {name for names in held.values() for name in names}
-    by_kind = {k: [d for d in docs if d[0] in set(held[k])] for k in KINDS}
-    return [d for d in docs if d[0] not in out], by_kind
+    sets = {k: set(names) for k, names in held.items()}
+    out = set().union(*sets.values())
+    return [d for d in docs if d[0] not in out], {k: [d for d in docs if d[0] in sets[k]] for k in KINDS}

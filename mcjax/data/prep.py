@@ -108,7 +108,7 @@ def prepare(cfg: Config, *, force: bool = False, log: Log = print) -> dict[str, 
     docs[train_source], held = split_documents(docs[train_source], d.eval_fraction)
 
     t0 = time.perf_counter()
-    tok = _tokenizer(cfg, docs[d.splits["train"].source])
+    tok = _tokenizer(cfg, docs[train_source])
     log(f"prep: tokenizer {d.tokenizer!r}: vocab {tok.vocab_size} ({time.perf_counter() - t0:.1f}s)")
 
     rows: dict[str, np.ndarray] = {}

@@ -23,11 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from mcjax.eval import policies as P
-from mcjax.eval.data import EvalData
+from mcjax.eval.data import EvalData, filler_tokens
 from mcjax.eval.forward import Scorer, horizon_mean
 from mcjax.eval.passkey import WORDS
 from mcjax.eval.result import SuiteResult, stats, table
-from mcjax.eval.retrieval import filler_tokens
 from mcjax.eval.setup import Plan
 
 COLUMNS = {

@@ -27,15 +27,6 @@ from pathlib import Path
 from mcjax.errors import UserError
 from mcjax.eval.setup import SUITES
 
-OUTPUTS = {  # suite -> (tables, plots)
-    "delta": (("eval_sweep",), ("delta_scatter.png",)),
-    "focus": (("focus",), ("focus.png",)),
-    "retrieval": (("retrieval",), ("retrieval_full.png", "retrieval_megacontext.png", "retrieval_recency.png")),
-    "boundary": (("boundary",), ("boundary.png",)),
-    "stability": (("stability", "residency"), ("stability.png", "residency.png", "stability_traces.jsonl")),
-}
-
-
 def suites_of(choices: list[str] | None) -> tuple[str, ...]:
     picked = choices or ["all"]
     out = []
@@ -76,7 +67,7 @@ def _check_data(plan, suites, datasets) -> None:
         for d in datasets:
             d.rows(w, 1)
     from mcjax.errors import ConfigError
-    from mcjax.eval.retrieval import filler_tokens
+    from mcjax.eval.data import filler_tokens
 
     filler = filler_tokens(datasets, plan.run.tokenizer.bos_id)
     if "boundary" in suites:
@@ -109,41 +100,37 @@ def _clear_stale(out_dir: Path, step: int) -> None:
             shutil.rmtree(out_dir)
 
 
-def _write_suite(out_dir: Path, deltas_dir: Path, result, plan, step: int) -> list[Path]:
+def _write_suite(out_dir: Path, deltas_dir: Path, result, plan, step: int) -> None:
+    """The suite's tables (and the sweep's copy under deltas/), plots and summary, each atomically."""
     import pyarrow.parquet as pq
 
     from mcjax.eval import plots
     from mcjax.eval.report import write_atomic
 
-    written = []
     for stem, t in result.tables.items():
         path = out_dir / f"{stem}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(t, tmp)
-        os.replace(tmp, path)
-        written.append(path)
+        pq.write_table(t, path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)
     if "eval_sweep" in result.tables:
         deltas_dir.mkdir(parents=True, exist_ok=True)
         copy = deltas_dir / f"{plan.run.run_dir.name}_eval_sweep.parquet"
-        shutil.copyfile(written[0], copy.with_name(copy.name + ".tmp"))
+        shutil.copyfile(out_dir / "eval_sweep.parquet", copy.with_name(copy.name + ".tmp"))
         os.replace(copy.with_name(copy.name + ".tmp"), copy)
     s, t = result.summary, result.tables
     if result.suite == "delta" and t["eval_sweep"].num_rows:
-        written.append(plots.delta_scatter(t["eval_sweep"], max(plan.horizons), out_dir / "delta_scatter.png",
-                                           plan.cfg.dataset.context_tokens))
+        plots.delta_scatter(t["eval_sweep"], max(plan.horizons), out_dir / "delta_scatter.png", plan.cfg.dataset.context_tokens)
     elif result.suite == "focus" and s["rows"]:
-        written.append(plots.focus_bars(s["rows"], out_dir / "focus.png"))
+        plots.focus_bars(s["rows"], out_dir / "focus.png")
     elif result.suite == "retrieval":
         for m in sorted({r["method"] for r in s["rows"]}):
-            written.append(plots.retrieval_heatmap(t["retrieval"], m, out_dir / f"retrieval_{m}.png"))
+            plots.retrieval_heatmap(t["retrieval"], m, out_dir / f"retrieval_{m}.png")
     elif result.suite == "boundary":
-        written.append(plots.boundary_lines(s["rows"], plan.k, out_dir / "boundary.png"))
+        plots.boundary_lines(s["rows"], plan.k, out_dir / "boundary.png")
     elif result.suite == "stability":
-        written.append(plots.stability_lines(t["stability"], out_dir / "stability.png"))
-        written.append(plots.residency_hist(t["residency"], out_dir / "residency.png"))
+        plots.stability_lines(t["stability"], out_dir / "stability.png")
+        plots.residency_hist(t["residency"], out_dir / "residency.png")
     payload = {"suite": result.suite, "step": step, "summary": s, "skipped": result.skipped}
     write_atomic(out_dir / f"{result.suite}.json", json.dumps(payload, indent=2) + "\n")  # NaN kept (Python reads it)
-    return written
 
 
 def _load_suites(out_dir: Path) -> dict[str, dict]:
@@ -207,9 +194,8 @@ def main(args) -> None:
                 result = runners[suite](plan, datasets, bar)
             _write_suite(out_dir, deltas_dir, result, plan, run.step)
             telemetry.log(run.step, {f"eval/{suite}/{k}": v for k, v in result.scalars.items()})
-            write_report(out_dir, meta, _load_suites(out_dir))
+            accept = write_report(out_dir, meta, _load_suites(out_dir))  # every suite of this checkpoint so far
             print(f"eval: {suite} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        accept = write_report(out_dir, meta, _load_suites(out_dir))
         telemetry.summary({f"eval/accept/{a['criterion']}": float(a["status"] == "PASS") for a in accept})
     finally:
         telemetry.close()

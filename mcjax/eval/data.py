@@ -46,6 +46,12 @@ class EvalData:
         return np.stack([self.stream[s : s + length + 1] for s in starts])
 
 
+def filler_tokens(datasets: list[EvalData], bos: int) -> np.ndarray:
+    """Filler text for synthetic prompts: the narrative dataset (else the first), <|bos|> left out."""
+    ds = next((d for d in datasets if d.name == "narrative"), datasets[0])
+    return ds.stream[ds.stream != bos]
+
+
 def parse_data(specs: Sequence[str]) -> list[tuple[str, str]]:
     """`--data` values -> (name, glob): NAME=GLOB, or a bare GLOB named data1, data2, …"""
     out = []

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from mcjax.eval.data import EvalData
+from mcjax.eval.data import EvalData, filler_tokens
 from mcjax.eval.passkey import TASKS, Prompt, make_prompt
 from mcjax.eval.result import SuiteResult, table
 from mcjax.eval.setup import Plan, derive
@@ -34,12 +34,6 @@ COLUMNS = {
     "w_max": pa.int32(), "exact": pa.bool_(), "answer_nll": pa.float64(), "answer_tokens": pa.int32(),
     "needle_start": pa.int32(),
 }
-
-
-def filler_tokens(datasets: list[EvalData], bos: int) -> np.ndarray:
-    """The filler text: the narrative dataset (else the first), <|bos|> left out."""
-    ds = next((d for d in datasets if d.name == "narrative"), datasets[0])
-    return ds.stream[ds.stream != bos]
 
 
 def _engine(plan: Plan, method: str, longest: int, batch: int):

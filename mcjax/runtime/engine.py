@@ -132,15 +132,13 @@ class Engine:
         if len(streams) != self.batch:
             raise UserError(f"{len(streams)} prompts for an engine of {self.batch} streams")
         arrays = [np.asarray(s, np.int32).reshape(-1) for s in streams]
-        vocab = self.cfg.dataset.vocab_size
         for i, a in enumerate(arrays):
             if self.lengths[i] + a.size > self.capacity:
                 raise UserError(
                     f"stream {i}: {a.size:,} new tokens after {self.lengths[i]:,} held exceed runtime.max_tokens "
                     f"({self.cfg.runtime.max_tokens:,}; set runtime.max_tokens=N)"
                 )
-            if a.size and not (0 <= a.min() and a.max() < vocab):
-                raise UserError(f"stream {i}: token ids must lie in [0, {vocab}), got {a.min()}..{a.max()}")
+            self._check_ids(a, f"stream {i}")
         longest = max((a.size for a in arrays), default=0)
         p = min(self.chunk, chunk or self.chunk_for(longest))
         for c in range(-(-longest // p)):
@@ -180,8 +178,7 @@ class Engine:
                 raise UserError(str(e)) from None
             self.state = self.state._replace(keys=keys)
         for _ in range(blocks):
-            toks, _ = self._block(("generate", sampling), lambda: self._generate(self.params, self.state, sampling))
-            yield toks
+            yield self._block(("generate", sampling), lambda: self._generate(self.params, self.state, sampling))
 
     def score(self, tokens) -> tuple[np.ndarray, np.ndarray]:
         """Teacher forcing: decode the given tokens (int [B, n], 1 ≤ n ≤ R) as one block, exactly
@@ -193,13 +190,16 @@ class Engine:
         if tokens.ndim != 2 or tokens.shape[0] != self.batch or not 1 <= tokens.shape[1] <= self.block:
             raise UserError(f"score takes int tokens [{self.batch}, n] with 1 ≤ n ≤ runtime.refocus_interval "
                             f"({self.block}), got shape {list(tokens.shape)}")
-        vocab = self.cfg.dataset.vocab_size
-        if not (0 <= tokens.min() and tokens.max() < vocab):
-            raise UserError(f"score: token ids must lie in [0, {vocab}), got {tokens.min()}..{tokens.max()}")
+        self._check_ids(tokens, "score")
         self._check_room(tokens.shape[1], "to score")
         toks = jnp.asarray(tokens)
-        (logp, greedy), n = self._block(("score", tokens.shape[1]), lambda: self._score(self.params, self.state, toks))
+        logp, greedy = self._block(("score", tokens.shape[1]), lambda: self._score(self.params, self.state, toks))
         return np.asarray(logp), np.asarray(greedy)
+
+    def _check_ids(self, ids: np.ndarray, where: str) -> None:
+        vocab = self.cfg.dataset.vocab_size
+        if ids.size and not (0 <= ids.min() and ids.max() < vocab):
+            raise UserError(f"{where}: token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
 
     def _check_room(self, tokens: int, what: str) -> None:
         empty = np.flatnonzero(self.lengths == 0)
@@ -215,7 +215,7 @@ class Engine:
 
     def _block(self, program, call):
         """Run one decode block (`call()` -> (state, out, stats)) on a synced cache, timed for
-        the monitor. -> (out as numpy, tokens the block added per stream)."""
+        the monitor. -> out, as numpy."""
         t0 = time.perf_counter()
         compiling = self._first(program) | (self._pending is None and self._first(("pending",)))
         size = self._pending_size()
@@ -230,7 +230,7 @@ class Engine:
             stats = {**stats, "rebuilt": np.full(self.batch, rebuilt)}
         if self.monitor is not None:
             self._report("decode", stats, t0, tokens=n * self.batch, compiling=compiling)
-        return out, n
+        return out
 
     def sync(self) -> int:
         """Bring the KV cache up to date with the layout (generate does it before every block);

@@ -61,7 +61,7 @@ from mcjax.megacontext.layout import WorkingContext, assemble, block_entry_count
 from mcjax.megacontext.tree import StreamTree, append, empty_stream, refresh
 from mcjax.model import kv_cache as kc
 from mcjax.model.megacontext import MegaContextModel
-from mcjax.runtime.sampling import Sampling, sample, stream_keys
+from mcjax.runtime.sampling import Sampling, next_token, stream_keys
 
 
 class MCState(NamedTuple):
@@ -274,12 +274,7 @@ class MCRuntime:
         def step(carry, given):
             ids, length, cache, cache_pos, cache_lod, n, logits, keys = carry
             split = jax.vmap(jax.random.split)(keys)
-            if given is None:
-                tok, out = sample(logits, split[:, 1], sampling), ()
-            else:
-                tok = given
-                logp = jax.nn.log_softmax(logits, axis=-1)[rows, tok]
-                out = (logp, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            tok, out = next_token(logits, split[:, 1], sampling, given)
             ids = ids.at[rows, length].set(tok, mode="drop")
             old = jnp.arange(w)[None, None, :] < n[:, None, None]
             hidden, cache = kc.extend(gpt, p, kc.embed(gpt, p, tok[:, None]), length[:, None], None, cache,

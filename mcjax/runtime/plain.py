@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from mcjax.model import kv_cache as kc
 from mcjax.model.gpt import GPT
-from mcjax.runtime.sampling import Sampling, sample, stream_keys
+from mcjax.runtime.sampling import Sampling, next_token, stream_keys
 
 
 class PlainState(NamedTuple):
@@ -73,16 +73,10 @@ class PlainRuntime:
         """Decode `steps` tokens per stream, one `lax.scan`. -> (state, tokens [B, steps]); with
         `forced` int32 [B, steps] as `MCRuntime.decode`: -> (state, tokens, logprobs, greedy)."""
         ones = jnp.ones(state.length.shape, jnp.int32)
-        rows = jnp.arange(state.length.shape[0])
 
         def step(s: PlainState, given):
             split = jax.vmap(jax.random.split)(s.keys)
-            if given is None:
-                tok, out = sample(s.logits, split[:, 1], sampling), ()
-            else:
-                tok = given
-                logp = jax.nn.log_softmax(s.logits, axis=-1)[rows, tok]
-                out = (logp, jnp.argmax(s.logits, axis=-1).astype(jnp.int32))
+            tok, out = next_token(s.logits, split[:, 1], sampling, given)
             s, hidden = self._extend(params, s, tok[:, None], ones)
             return s._replace(logits=kc.logits(self.gpt, params["gpt"], hidden[:, 0]), keys=split[:, 0]), (tok, *out)
 

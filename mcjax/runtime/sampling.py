@@ -49,3 +49,13 @@ def sample(logits: jnp.ndarray, keys: jax.Array, s: Sampling) -> jnp.ndarray:
         kth = jax.lax.top_k(x, s.top_k)[0][:, -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+
+def next_token(logits: jnp.ndarray, key: jax.Array, s: Sampling, given: jnp.ndarray | None):
+    """One decode step's token: sampled (`given` None) -> (tokens int32 [B], ()); or given
+    (teacher forcing, int32 [B]) -> (given, (its log-probability f32 [B], the greedy choice
+    int32 [B])). logits f32 [B, V], keys [B]."""
+    if given is None:
+        return sample(logits, key, s), ()
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), given[:, None], axis=-1)[:, 0]
+    return given, (logp, jnp.argmax(logits, axis=-1).astype(jnp.int32))
