@@ -90,6 +90,7 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
     out: dict = {
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
         "config": cfg.name, "batch": batch, "seq": t, "variants": cfg.megacontext.num_random_variants,
+        "policy_variants": cfg.megacontext.num_policy_variants,
         "wc_length": wc_length,
     }
 
@@ -149,16 +150,17 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
 
 def table(r: dict) -> str:
     """The results as the seed review's table: one row per mode."""
+    policy = f", policy_ms {r['mc_policy_ms']:.2f}" if "mc_policy_ms" in r else ""
     lines = [
         f"{r['config']} on {r['devices']}× {r['device']} (jax {r['jax']}): batch {r['batch']} × {r['seq']} tokens, "
-        f"{r['variants']} variants at {r['wc_length']:.0%} of the sequence (WC width {r['mc_variant_capacity']})",
+        f"{r['variants']} random + {r['policy_variants']} on-policy variants at {r['wc_length']:.0%} of the sequence (WC width {r['mc_variant_capacity']})",
         f"{'mode':<9} {'step ms':>9} {'input tok/s':>12} {'MFU(real)':>10} {'MFU(input)':>11} {'program GB':>11}",
         f"{'baseline':<9} {r['baseline_step_ms']:>9.1f} {r['baseline_tok_per_sec']:>12,.0f} {r['baseline_mfu']:>10.3f} "
         f"{r['baseline_mfu']:>11.3f} {r['baseline_program_gb']:>11.2f}",
         f"{'mc':<9} {r['mc_step_ms']:>9.1f} {r['mc_tok_per_sec']:>12,.0f} {r['mc_mfu']:>10.3f} "
         f"{r['mc_mfu_input']:>11.3f} {r['mc_program_gb']:>11.2f}",
         f"mc controller: build_ms {r['mc_build_ms']:.2f}, variant_pack_ms {r['mc_variant_pack_ms']:.2f}, "
-        f"lens_ms {r['mc_lens_ms']:.2f} ({r['mc_controller_share']:.1%} of the step), variant_ms (host) "
+        f"lens_ms {r['mc_lens_ms']:.2f}{policy} ({r['mc_controller_share']:.1%} of the step), variant_ms (host) "
         f"{r['mc_variant_ms']:.2f}, other_ms {r['mc_other_ms']:.1f}",
         f"mc: {r['mc_wc_entries']:,} real WC entries per step ({r['mc_baseline_entries']:,} baseline + "
         f"{r['mc_variant_entries']:,} in variants)",

@@ -41,6 +41,12 @@ class DatasetConfig:
     val_fraction: float = 0.05  # share of sequences held out when train and val share a source
     eval_fraction: float = 0.0  # share of the train source's documents kept out of train and val for `mcjax eval`
     max_source_bytes: int = 0  # read at most this many bytes of source text per split; 0 = all
+    # Rows: "stream" cuts one stream of all documents; "documents" cuts each document of at
+    # least T+1 tokens into rows of its own (a row is one continuous document) and streams the rest.
+    packing: Literal["stream", "documents"] = "stream"
+    # Synthetic long-range task rows mixed in at prep (mcjax/data/tasks.py): task name
+    # (passkey, kv, vartrack) → share of each split's rows; the rest is natural text.
+    tasks: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +91,15 @@ class MegaContextConfig:
     # MegaContext training (mcjax/train/mc_step.py): off trains the plain GPT on raw tokens.
     enabled: bool = False
     num_random_variants: int = 2  # compressed WC variants per sequence, beside the recency baseline
+    # On-policy variants (mc_step.py): LensNet + the allocator (Gumbel top-k at policy_temperature,
+    # thresholds off) edit the recency layout at the variants' target, policy_rounds rounds of up to
+    # allocator.max_replacements collapses and expands. Share on-policy = P / (N + P).
+    num_policy_variants: int = 0
+    policy_temperature: float = 0.3
+    policy_rounds: int = 2
+    # Validation also scores the greedy LensNet + allocator layout and a random one at the same
+    # budget against the recency baseline, and answer accuracy on the val split's task rows.
+    focus_eval: bool = False
     train_wc_length: float = 0.2  # variants' target length at the end of the curriculum, × context_tokens
     curriculum_start: float = 0.8  # variants' target length at step 0, × context_tokens
     curriculum_ratio: float = 0.5  # share of training over which the target anneals (then holds)
@@ -437,6 +452,7 @@ def validate(cfg: Config) -> None:
         fail("dataset.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     if d.max_source_bytes < 0:
         fail("dataset.max_source_bytes", f"must be ≥ 0, got {d.max_source_bytes}")
+    _validate_tasks(d, fail)
 
     if m.depth < 1:
         fail("base_model.depth", f"must be ≥ 1, got {m.depth}")
@@ -497,6 +513,18 @@ def validate(cfg: Config) -> None:
         fail("telemetry.log_every_tokens", f"must be ≥ 0, got {cfg.telemetry.log_every_tokens}")
 
 
+def _validate_tasks(d: DatasetConfig, fail) -> None:
+    from mcjax.data.tasks import TASKS  # the generator owns the names
+
+    for name, share in d.tasks.items():
+        if name not in TASKS:
+            fail(f"dataset.tasks.{name}", f"unknown task (choose from {', '.join(TASKS)})")
+        if share < 0:
+            fail(f"dataset.tasks.{name}", f"must be a share ≥ 0, got {share}")
+    if sum(d.tasks.values()) > 1:
+        fail("dataset.tasks", f"the shares sum to {sum(d.tasks.values()):g}, more than 1")
+
+
 def min_wc_entries(num_blocks: int, k: int, recent_tokens: int, max_lod: int) -> int:
     """Entries of the most compressed layout: the tail at LOD0, the rest in gists.
 
@@ -535,6 +563,8 @@ def _validate_megacontext(cfg: Config, fail) -> None:
     w = cfg.wc_capacity
     if mc.wc_capacity < 0 or w < mc.recent_tokens + k:
         fail("megacontext.wc_capacity", f"{w} is smaller than the protected tail ({mc.recent_tokens}) plus one block ({k})")
+    if w < t and mc.max_lod >= 2 and t % (k * k):
+        fail("dataset.context_tokens", f"{t} is longer than W_max ({w}) but not a multiple of K² = {k * k}: a long history is built of whole superblocks")
     least = min_wc_entries(t // k, k, mc.recent_tokens, mc.max_lod)
     if w < least:
         fail("megacontext.wc_capacity", f"{w} cannot hold even the most compressed layout of {t} tokens ({least} entries)")
@@ -635,8 +665,13 @@ def validate_runtime(cfg: Config) -> None:
 def _validate_mc_training(cfg: Config, fail) -> None:
     d, mc = cfg.dataset, cfg.megacontext
     k, t = d.block_size, d.context_tokens
-    if mc.num_random_variants < 0:
-        fail("megacontext.num_random_variants", f"must be ≥ 0, got {mc.num_random_variants}")
+    for key in ("num_random_variants", "num_policy_variants"):
+        if getattr(mc, key) < 0:
+            fail(f"megacontext.{key}", f"must be ≥ 0, got {getattr(mc, key)}")
+    if mc.policy_temperature <= 0:
+        fail("megacontext.policy_temperature", f"must be > 0, got {mc.policy_temperature}")
+    if mc.policy_rounds < 1:
+        fail("megacontext.policy_rounds", f"must be ≥ 1, got {mc.policy_rounds}")
     floor = mc.recent_tokens + k
     for key in ("train_wc_length", "eval_wc_length"):
         frac = getattr(mc, key)

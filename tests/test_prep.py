@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,9 @@ def test_is_prepared_tracks_config_and_files(tmp_path):
     assert prepare(cfg, log=quiet)["skipped"]
     assert not is_prepared(make_cfg(tmp_path, val_fraction=0.2))
     assert not is_prepared(make_cfg(tmp_path, vocab_size=301))
+    assert not is_prepared(make_cfg(tmp_path, packing="documents"))
+    assert not is_prepared(make_cfg(tmp_path, tasks={"passkey": 0.1}))
+    assert is_prepared(make_cfg(tmp_path, packing="stream", tasks={}))  # the defaults, spelled out
     reseeded = config_from_dict({**json.loads(json.dumps(cfg.to_dict())),
                                  "training": {"max_steps": 1, "seed": 7}})
     assert not is_prepared(reseeded)
@@ -241,3 +245,110 @@ def test_eval_fraction_keeps_whole_documents_out_of_every_row(tmp_path, monkeypa
     got = np.concatenate([read_rows(Path("out/train.arrow")), read_rows(Path("out/val.arrow"))])
     assert sorted(map(tuple, got)) == sorted(map(tuple, rows))
     assert meta["splits"]["train"]["documents"] == len(kept)
+
+
+# ----------------------------------------------------------------------------- packing, tasks
+
+
+def test_document_packing_gives_long_documents_rows_of_their_own(tmp_path, monkeypatch):
+    """packing: documents: a document of ≥ T+1 tokens is cut on its own (row 0 starts at its
+    bos, rows are contiguous slices of its stream); its rest and the short documents are one
+    stream, cut after the documents' rows. packing: stream is the default, unchanged."""
+    monkeypatch.chdir(tmp_path)
+    words = [300, 20, 150, 10, 500, 30]
+    texts = {f"corpus/doc{i}.txt": lorem(i, w) for i, w in enumerate(words)}
+    write_texts(tmp_path, {**texts, "held/v.txt": lorem(99, 400)})
+    kw = dict(train="corpus/*.txt", val="held/*.txt", max_source_bytes=0)
+    prepare(make_cfg(Path("docs"), packing="documents", **kw), log=quiet)
+    tok = Tokenizer.load("docs/tokenizer.json")
+    rows = read_rows(Path("docs/train.arrow"))
+    streams = prep.document_streams(tok, sorted(texts.items()))
+    long = [s for s in streams if len(s) >= T + 1]
+    assert 0 < len(long) < len(streams)
+    at = 0
+    for s in long:  # document order, each from its bos
+        n = (len(s) - 1) // T
+        assert rows[at, 0] == tok.bos_id
+        for j in range(n):
+            np.testing.assert_array_equal(rows[at + j], s[j * T : j * T + T + 1])
+        at += n
+    rest = np.concatenate([s[((len(s) - 1) // T) * T + 1 :] if len(s) >= T + 1 else s for s in streams])
+    np.testing.assert_array_equal(rows[at:], cut_rows(rest, T))
+
+    prepare(make_cfg(Path("stream"), packing="stream", **kw), log=quiet)
+    prepare(make_cfg(Path("default"), **kw), log=quiet)
+    for name in ("train.arrow", "val.arrow", "tokenizer.json"):
+        assert Path("stream", name).read_bytes() == Path("default", name).read_bytes()
+    np.testing.assert_array_equal(read_rows(Path("stream/train.arrow")), cut_rows(np.concatenate(streams), T))
+
+
+TASK_T = 512  # rows long enough for every task with a 300-token BPE
+
+
+def test_task_rows_are_mixed_in_by_share_and_labelled(tmp_path, monkeypatch):
+    from mcjax.data.pipeline import ArrowSequences, row_tasks
+    from mcjax.data.tasks import TASKS
+
+    shares = {"vartrack": 0.1, "passkey": 0.15, "kv": 0.05}
+    lines: list[str] = []
+    for run in ("a", "b", "plain"):  # same relative output paths, different working directories
+        (tmp_path / run).mkdir()
+        monkeypatch.chdir(tmp_path / run)
+        tasks = {} if run == "plain" else {"tasks": shares}
+        prepare(make_cfg(Path("out"), context_tokens=TASK_T, **tasks), log=lines.append if run == "a" else quiet)
+    monkeypatch.chdir(tmp_path)
+    for name in ("meta.json", "tokenizer.json", "train.arrow", "val.arrow"):  # deterministic
+        assert Path("a/out", name).read_bytes() == Path("b/out", name).read_bytes(), name
+    meta = json.loads(Path("a/out/meta.json").read_text())
+    plain = json.loads(Path("plain/out/meta.json").read_text())
+    assert "natural_rows" not in plain["splits"]["train"] and "task_rows" not in plain["splits"]["val"]
+    tok = Tokenizer.load("a/out/tokenizer.json")
+    for split in ("train", "val"):
+        s, natural = meta["splits"][split], plain["splits"][split]["rows"]
+        want = {t: round(natural * w / 0.7) for t, w in shares.items()}
+        assert s["natural_rows"] == natural and s["task_rows"] == want and s["rows"] == natural + sum(want.values())
+        path = Path("a/out", f"{split}.arrow")
+        with pa.memory_map(str(path)) as f:
+            assert pa.ipc.open_file(f).schema.names == ["tokens", "task", "answer_tokens"]
+        rows, (task, answers) = read_rows(path), row_tasks(path)
+        assert len(rows) == len(task) == s["rows"]
+        assert np.bincount(task, minlength=4).tolist() == [natural] + [want[t] for t in TASKS]
+        assert (answers[task == 0] == 0).all() and (answers[task > 0] > 0).all()
+        for i in np.flatnonzero(task > 0)[:12]:  # the answer is the row's last tokens, after the question
+            head, tail = tok.decode(rows[i, : -answers[i]].tolist()), tok.decode(rows[i, -answers[i] :].tolist())
+            assert re.fullmatch(r" \d+", tail) and re.search(r"(is|==)$", head) and rows[i, 0] == tok.bos_id
+        # the natural rows are the plain prep's rows, shuffled in among the task rows
+        plain_rows = read_rows(Path("plain/out", f"{split}.arrow"))
+        assert sorted(map(tuple, rows[task == 0])) == sorted(map(tuple, plain_rows))
+        assert task[: len(task) // 2].any() and not np.array_equal(rows[task == 0], plain_rows)
+        src = ArrowSequences(path)  # training reads the tokens column of the wider file
+        np.testing.assert_array_equal(np.stack([src[i] for i in range(len(src))]), rows)
+    assert any(line.startswith("prep: val:") and "natural rows, passkey" in line for line in lines)
+    plain_tasks, plain_answers = row_tasks(Path("plain/out/train.arrow"))  # no tasks: zeros
+    assert not plain_tasks.any() and not plain_answers.any() and len(plain_tasks) == plain["splits"]["train"]["rows"]
+    with pa.memory_map("plain/out/train.arrow") as f:
+        assert pa.ipc.open_file(f).schema.names == ["tokens"]
+
+
+def test_tasks_summing_to_one_drop_the_natural_rows(tmp_path):
+    lines: list[str] = []
+    meta = prepare(make_cfg(tmp_path, context_tokens=TASK_T, tasks={"passkey": 0.5, "vartrack": 0.5}), log=lines.append)
+    s = meta["splits"]["train"]
+    assert s["natural_rows"] == 0 and s["rows"] == sum(s["task_rows"].values()) > 0
+    assert any(line.startswith("prep: train:") and "0 natural rows, passkey" in line for line in lines)
+
+
+def test_task_rows_too_long_for_the_context(tmp_path):
+    with pytest.raises(ConfigError, match=r"^configs/t\.yaml: dataset\.tasks\.kv: rows of 65 tokens cannot hold"):
+        prepare(make_cfg(tmp_path, tasks={"kv": 0.1}), log=quiet)
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_row_tasks_errors_name_the_path(tmp_path):
+    from mcjax.data.pipeline import row_tasks
+
+    with pytest.raises(DataError, match="nope.arrow: prepared data file not found"):
+        row_tasks(tmp_path / "nope.arrow")
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow")
+    with pytest.raises(DataError, match="bad.arrow: not a valid prepared Arrow file"):
+        row_tasks(tmp_path / "bad.arrow")

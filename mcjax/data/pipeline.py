@@ -5,6 +5,8 @@
 repeats forever, batches to `[B, T+1]` and prefetches in threads; its `get_state()` is a small
 JSON-able dict and `set_state()` on a fresh iterator resumes exactly.
 `eval_batches(...)` yields the first rows in order, for validation.
+`row_tasks(path)` reads the rows' task labels (prep's dataset.tasks): which rows are synthetic
+task rows, and how many of their last tokens are the answer.
 """
 
 from __future__ import annotations
@@ -140,3 +142,23 @@ def eval_batches(
     for k in range(steps):
         start = k * per_step + process_index * batch_size
         yield np.stack([source[i] for i in range(start, start + batch_size)])
+
+
+def row_tasks(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(task int8 [n], answer_tokens int16 [n]) of a prepared file's rows, row for row as
+    `ArrowSequences(path)` reads them: task 0 = natural text, 1 + data.tasks.TASKS.index(name)
+    = that task's row, whose answer is its last answer_tokens tokens. Zeros for a file
+    without these columns (no dataset.tasks); DataError for a missing or invalid file."""
+    source = ArrowSequences(path)  # checks the file
+    assert source._reader is not None
+    reader, n = source._reader, len(source)
+    types = {f.name: f.type for f in reader.schema}
+    have = [c for c in ("task", "answer_tokens") if c in types]
+    if not have:
+        return np.zeros(n, np.int8), np.zeros(n, np.int16)
+    if len(have) < 2 or not all(pa.types.is_integer(types[c]) for c in have):
+        raise DataError(f"{path}: columns 'task' and 'answer_tokens' must both be integer columns; "
+                        "run `mcjax prep` for this config")
+    table = reader.read_all().select(have)  # memory-mapped: the tokens are not copied
+    return (table.column("task").to_numpy().astype(np.int8),
+            table.column("answer_tokens").to_numpy().astype(np.int16))

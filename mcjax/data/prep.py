@@ -1,20 +1,33 @@
 """`mcjax prep`: turn the configured text sources into Arrow files of fixed-length token rows.
 
-For each split: read its documents, encode each with `<|bos|>` prepended, concatenate into one
-token stream and cut it into rows of T+1 tokens (T = dataset.context_tokens):
+For each split: read its documents, encode each with `<|bos|>` prepended and cut token
+streams into rows of T+1 tokens (T = dataset.context_tokens):
 
     row i = stream[i*T : i*T + T + 1]      consecutive rows overlap by exactly one token
 
 so every one of a row's T input positions has a next-token target, and the T inputs are T/K
-blocks of K = dataset.block_size tokens. When train and val share a source, val is a seeded
-random selection of max(1, round(val_fraction * n)) of the n rows and train is the rest (both
-in ascending row order). With `dataset.eval_fraction` > 0, whole documents of the train
-source are set aside first (`holdout.py`), for `mcjax eval`: no row holds any of them, and
-meta.json lists them (`held_out`, by kind).
+blocks of K = dataset.block_size tokens. With dataset.packing "stream" the stream is all
+documents concatenated. With "documents", each document of at least T+1 tokens (its <|bos|>
+included) is cut on its own, so each of its rows is one continuous slice of it starting at
+its <|bos|>; its tokens after its last row (stream[n*T+1:]) and the shorter documents are
+concatenated, in document order, into one stream cut as above; the rows are the documents'
+rows (in document order), then the stream's. When train and val share a source, val is a
+seeded random selection of max(1, round(val_fraction * n)) of the n rows and train is the
+rest (both in ascending row order). With `dataset.eval_fraction` > 0, whole documents of
+the train source are set aside first (`holdout.py`), for `mcjax eval`: no row holds any of
+them, and meta.json lists them (`held_out`, by kind).
 
-Each split is written as an Arrow IPC file with one column `tokens: fixed_size_list<uint16|int32,
-T+1>`; `tokenizer.json` and `meta.json` go beside the train file. Everything is built in memory
-and in a temporary directory first, then moved into place (meta.json last), so a failure leaves
+With dataset.tasks (task → share w, S = the sum), each split's n natural rows get
+round(n * w / (1 - S)) rows of each task (`tasks.py`; with S = 1, round(n * w) and the natural
+rows are dropped), so the task's share of the split is w. Their filler is the split's own
+natural text; task_rows' stream is zlib.crc32 of the split name. The natural and task rows
+are then shuffled by a generator seeded by (training.seed, stream).
+
+Each split is written as an Arrow IPC file with the column `tokens: fixed_size_list<uint16|int32,
+T+1>`, and with dataset.tasks two more: `task: int8` (0 = natural text, 1 + TASKS.index) and
+`answer_tokens: int16` (the answer is the row's last answer_tokens tokens; 0 for natural text).
+`tokenizer.json` and `meta.json` go beside the train file. Everything is built in memory and
+in a temporary directory first, then moved into place (meta.json last), so a failure leaves
 no half-written output. Same inputs give byte-identical files.
 """
 
@@ -27,6 +40,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +51,7 @@ import pyarrow as pa
 from mcjax.config import Config
 from mcjax.data.corpus import Document, read_documents
 from mcjax.data.holdout import split_documents
+from mcjax.data.tasks import TASKS, task_rows
 from mcjax.data.tokenizer import Tokenizer, train_bpe
 from mcjax.errors import ConfigError, DataError
 
@@ -60,8 +75,14 @@ def tokenizer_path(cfg: Config) -> Path:
 
 
 def config_fingerprint(cfg: Config) -> str:
-    """sha256 of the dataset section and training.seed: what the prepared files depend on."""
-    payload = {"dataset": dataclasses.asdict(cfg.dataset), "seed": cfg.training.seed}
+    """sha256 of the dataset section and training.seed: what the prepared files depend on.
+    dataset.packing and dataset.tasks count only when set, so data prepared before they existed
+    stays valid."""
+    dataset = dataclasses.asdict(cfg.dataset)
+    for key, default in (("packing", "stream"), ("tasks", {})):
+        if dataset[key] == default:
+            del dataset[key]
+    payload = {"dataset": dataset, "seed": cfg.training.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -112,23 +133,32 @@ def prepare(cfg: Config, *, force: bool = False, log: Log = print) -> dict[str, 
     log(f"prep: tokenizer {d.tokenizer!r}: vocab {tok.vocab_size} ({time.perf_counter() - t0:.1f}s)")
 
     rows: dict[str, np.ndarray] = {}
-    streams: dict[str, np.ndarray] = {}
+    natural: dict[str, tuple[np.ndarray, int]] = {}  # source → (rows, tokens)
     for name in names:
         t0 = time.perf_counter()
         source = d.splits[name].source
-        if source not in streams:
-            streams[source] = token_stream(tok, docs[source])
-        rows[name] = _rows_or_fail(cfg, name, streams[source])
+        if source not in natural:
+            natural[source] = _natural_rows(cfg, tok, docs[source])
+        rows[name] = _rows_or_fail(cfg, name, *natural[source])
         seconds[name] += time.perf_counter() - t0
     if "val" in d.splits and d.splits["val"].source == d.splits["train"].source:
         rows["train"], rows["val"] = _hold_out(cfg, rows["train"])
+    mixed: dict[str, Mixed] = {}
+    if d.tasks:
+        for name in names:
+            t0 = time.perf_counter()
+            mixed[name] = _mix_tasks(cfg, tok, name, rows[name])
+            rows[name] = mixed[name].rows
+            seconds[name] += time.perf_counter() - t0
 
-    meta = _write_all(cfg, tok, rows, docs, {k: [name for name, _ in v] for k, v in held.items()})
+    meta = _write_all(cfg, tok, rows, mixed, docs, {k: [name for name, _ in v] for k, v in held.items()})
     for name in names:
         s = meta["splits"][name]
+        tasks = "".join(f", {n} {k}" for n, k in s.get("task_rows", {}).items())
+        mix = f"; {s['natural_rows']} natural rows{tasks}" if d.tasks else ""
         log(
             f"prep: {name}: {s['rows']} rows × {d.context_tokens + 1} tokens "
-            f"({s['tokens']} tokens, {s['documents']} documents) in {seconds[name]:.1f}s "
+            f"({s['tokens']} tokens, {s['documents']} documents{mix}) in {seconds[name]:.1f}s "
             f"→ {s['path']}"
         )
     return {**meta, "skipped": False}
@@ -147,11 +177,24 @@ def _tokenizer(cfg: Config, train_docs: list[Document]) -> Tokenizer:
     return tok
 
 
+def document_streams(tok: Tokenizer, docs: list[Document]) -> list[np.ndarray]:
+    """Each document as its own stream `[N_d]` int64: bos, its tokens."""
+    bos = [tok.bos_id]
+    return [np.asarray(bos + seq, np.int64) for seq in tok.encode_batch([text for _, text in docs])]
+
+
 def token_stream(tok: Tokenizer, docs: list[Document]) -> np.ndarray:
     """All documents as one stream `[N]` int64: bos, doc 0 tokens, bos, doc 1 tokens, ..."""
-    ids = tok.encode_batch([text for _, text in docs])
-    bos = np.array([tok.bos_id], dtype=np.int64)
-    return np.concatenate([part for seq in ids for part in (bos, np.asarray(seq, np.int64))])
+    return np.concatenate(document_streams(tok, docs))
+
+
+def pack_documents(streams: list[np.ndarray], context_tokens: int) -> np.ndarray:
+    """Packing "documents" (module doc): each stream of ≥ T+1 tokens cut on its own, then the
+    rest (its tokens after its last row, and the shorter streams) as one stream → `[n, T+1]`."""
+    t = context_tokens
+    own = [cut_rows(s, t) for s in streams]
+    rest = [s[len(r) * t + 1 :] if len(r) else s for s, r in zip(streams, own)]
+    return np.concatenate([*own, cut_rows(np.concatenate([np.zeros(0, np.int64), *rest]), t)])
 
 
 def cut_rows(stream: np.ndarray, context_tokens: int) -> np.ndarray:
@@ -164,13 +207,22 @@ def cut_rows(stream: np.ndarray, context_tokens: int) -> np.ndarray:
     return np.ascontiguousarray(windows[: n * t : t])
 
 
-def _rows_or_fail(cfg: Config, name: str, stream: np.ndarray) -> np.ndarray:
+def _natural_rows(cfg: Config, tok: Tokenizer, docs: list[Document]) -> tuple[np.ndarray, int]:
+    """(rows `[n, T+1]` of the documents, packed as dataset.packing says; their token count)."""
     t = cfg.dataset.context_tokens
-    rows = cut_rows(stream, t)
+    streams = document_streams(tok, docs)
+    tokens = sum(map(len, streams))
+    if cfg.dataset.packing == "documents":
+        return pack_documents(streams, t), tokens
+    return cut_rows(np.concatenate(streams), t), tokens
+
+
+def _rows_or_fail(cfg: Config, name: str, rows: np.ndarray, tokens: int) -> np.ndarray:
+    t = cfg.dataset.context_tokens
     if len(rows) == 0:
         raise DataError(
             f"{cfg.source_file}: dataset.splits.{name}: source "
-            f"'{cfg.dataset.splits[name].source}' gives {len(stream)} tokens, fewer than the "
+            f"'{cfg.dataset.splits[name].source}' gives {tokens} tokens, fewer than the "
             f"context_tokens + 1 = {t + 1} one row needs"
         )
     return rows
@@ -191,11 +243,52 @@ def _hold_out(cfg: Config, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows[train_idx], rows[val_idx]
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+    """A split's rows with task rows mixed in (module doc)."""
+
+    rows: np.ndarray  # [n, T+1]
+    task: np.ndarray  # int8 [n]: 0 = natural text, 1 + TASKS.index
+    answer_tokens: np.ndarray  # int16 [n]: the answer is the row's last answer_tokens tokens
+    natural_rows: int
+    task_rows: dict[str, int]
+
+
+def _mix_tasks(cfg: Config, tok: Tokenizer, name: str, natural: np.ndarray) -> Mixed:
+    """Split `name`'s natural rows `[n, T+1]` with dataset.tasks' rows mixed in (module doc)."""
+    d, seed, stream = cfg.dataset, cfg.training.seed, zlib.crc32(name.encode())
+    filler = natural[:, :-1].reshape(-1)
+    filler = filler[filler != tok.bos_id]
+    if len(filler) == 0:
+        raise DataError(f"{cfg.source_file}: dataset.tasks: split {name} has no natural text for the task rows' filler")
+    total = sum(d.tasks.values())
+    whole = total > 1 - 1e-9  # only task rows
+    n = len(natural)
+    counts = {t: round(n * d.tasks[t] / (1 if whole else 1 - total)) for t in TASKS if t in d.tasks}
+    keep = natural[:0] if whole else natural
+    parts, tasks, answers = [keep], [np.zeros(len(keep), np.int8)], [np.zeros(len(keep), np.int16)]
+    for t, k in counts.items():
+        try:
+            r, a = task_rows(tok, filler, t, k, d.context_tokens + 1, seed=seed, stream=stream)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source_file}: dataset.tasks.{t}: {e}: dataset.context_tokens is too small") from None
+        parts.append(r)
+        tasks.append(np.full(k, 1 + TASKS.index(t), np.int8))
+        answers.append(a)
+    size = sum(map(len, parts))
+    if size == 0:
+        raise DataError(f"{cfg.source_file}: dataset.tasks: split {name} gets no rows ({n} natural rows, all dropped)")
+    perm = np.random.default_rng((seed, stream)).permutation(size)
+    return Mixed(np.concatenate(parts)[perm], np.concatenate(tasks)[perm], np.concatenate(answers)[perm],
+                 len(keep), counts)
+
+
 # ----------------------------------------------------------------------------- writing
 
 
-def write_arrow(path: Path, rows: np.ndarray, *, cfg: Config, tok: Tokenizer) -> None:
-    """Write `[n, T+1]` rows as an Arrow IPC file, column `tokens`, ≤ BATCH_ROWS per batch."""
+def write_arrow(path: Path, rows: np.ndarray, *, cfg: Config, tok: Tokenizer, mixed: Mixed | None = None) -> None:
+    """Write `[n, T+1]` rows as an Arrow IPC file, column `tokens` (with `mixed`, also `task`
+    and `answer_tokens` from it), ≤ BATCH_ROWS per batch."""
     d = cfg.dataset
     width = d.context_tokens + 1
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
@@ -206,12 +299,18 @@ def write_arrow(path: Path, rows: np.ndarray, *, cfg: Config, tok: Tokenizer) ->
         "vocab_size": str(tok.vocab_size),
         "bos_id": str(tok.bos_id),
     }
-    schema = pa.schema([pa.field("tokens", pa.list_(value_type, width))], metadata=metadata)
+    fields = [pa.field("tokens", pa.list_(value_type, width))]
+    if mixed is not None:
+        fields += [pa.field("task", pa.int8()), pa.field("answer_tokens", pa.int16())]
+    schema = pa.schema(fields, metadata=metadata)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for start in range(0, len(rows), BATCH_ROWS):
-            chunk = rows[start : start + BATCH_ROWS].astype(dtype).reshape(-1)
-            col = pa.FixedSizeListArray.from_arrays(pa.array(chunk, type=value_type), width)
-            writer.write_batch(pa.record_batch([col], schema=schema))
+            end = start + BATCH_ROWS
+            chunk = rows[start:end].astype(dtype).reshape(-1)
+            cols = [pa.FixedSizeListArray.from_arrays(pa.array(chunk, type=value_type), width)]
+            if mixed is not None:
+                cols += [pa.array(mixed.task[start:end]), pa.array(mixed.answer_tokens[start:end])]
+            writer.write_batch(pa.record_batch(cols, schema=schema))
 
 
 def _sha256(path: Path) -> str:
@@ -223,8 +322,8 @@ def _sha256(path: Path) -> str:
 
 
 def _write_all(
-    cfg: Config, tok: Tokenizer, rows: dict[str, np.ndarray], docs: dict[str, list[Document]],
-    held_out: dict[str, list[str]],
+    cfg: Config, tok: Tokenizer, rows: dict[str, np.ndarray], mixed: dict[str, Mixed],
+    docs: dict[str, list[Document]], held_out: dict[str, list[str]],
 ) -> dict[str, Any]:
     """Write every file into temp dirs beside the outputs, then move them into place."""
     d = cfg.dataset
@@ -242,7 +341,7 @@ def _write_all(
 
         splits: dict[str, Any] = {}
         for name, r in rows.items():
-            write_arrow(staged[name], r, cfg=cfg, tok=tok)
+            write_arrow(staged[name], r, cfg=cfg, tok=tok, mixed=mixed.get(name))
             source = d.splits[name].source
             splits[name] = {
                 "source": source,
@@ -252,6 +351,8 @@ def _write_all(
                 "tokens": int(len(r) * t),
                 "sha256": _sha256(staged[name]),
             }
+            if name in mixed:
+                splits[name].update(natural_rows=mixed[name].natural_rows, task_rows=mixed[name].task_rows)
         tok.save(staged[TOKENIZER_FILE])
         meta = {
             "dataset_name": d.dataset_name,

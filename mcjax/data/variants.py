@@ -14,8 +14,12 @@ A variant is drawn as follows (blocks of K tokens; the last `recent_tokens` stay
 So a variant has at most `target` entries and, wherever the granularity allows, more
 than `target − K` (a LOD1 collapse removes K − 1 entries).
 
+With `megacontext.num_policy_variants` = P > 0, P more slots hold the *policy start*: the
+recency layout at the target (the most recent blocks at LOD0 within `target` entries); the
+device replaces each copy by LensNet + allocator's edit of it (`mc_step.MCForward.policy`).
+
 Everything is deterministic in (seed, step, row): a resumed run draws the same layouts.
-Layouts are int8 `[..., 1 + N, N1]`, baseline first; the device assembles them.
+Layouts are int8 `[..., 1 + N + P, N1]`, baseline first; the device assembles them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import dataclasses
 
 import numpy as np
 
+from mcjax.config import min_wc_entries
 from mcjax.megacontext.layout import recency_baseline
 
 
@@ -38,6 +43,7 @@ class VariantSpec:
     max_lod: int
     num_variants: int  # N
     lod2_probability: float
+    num_policy: int = 0  # P: on-policy slots after the random variants
 
     @classmethod
     def from_config(cls, cfg) -> VariantSpec:
@@ -50,6 +56,7 @@ class VariantSpec:
             max_lod=mc.max_lod,
             num_variants=mc.num_random_variants,
             lod2_probability=mc.lod2_probability if mc.max_lod >= 2 else 0.0,
+            num_policy=mc.num_policy_variants,
         )
 
     @property
@@ -93,22 +100,32 @@ TRAIN, EVAL = 0, 1  # random streams: training layouts, validation layouts
 def sample_layouts(
     spec: VariantSpec, target: int, *, seed: int, step: int, rows: np.ndarray, stream: int = TRAIN
 ) -> np.ndarray:
-    """Baseline + N variants of at most min(target, W_max) entries for each row.
+    """Baseline + N variants of at most min(target, W_max) entries + P policy starts, for each row.
 
     rows int [B]: global row ids, for determinism.
 
-    Returns int8 [B, 1 + N, N1]. Row r at step s draws from its own generator seeded by
+    Returns int8 [B, 1 + N + P, N1]. Row r at step s draws from its own generator seeded by
     (stream, seed, s, r), so layouts do not depend on the batch split over processes.
     """
     base = recency_baseline(spec.num_blocks, spec.block_size, spec.capacity, max_lod=spec.max_lod)
     target = min(target, spec.capacity)
-    out = np.empty((len(rows), 1 + spec.num_variants, spec.num_blocks), np.int8)
+    n = spec.num_variants
+    out = np.empty((len(rows), 1 + n + spec.num_policy, spec.num_blocks), np.int8)
+    out[:, 1 + n :] = policy_start(spec, target) if spec.num_policy else 0
     for i, r in enumerate(rows):
         rng = np.random.default_rng((stream, seed, step, int(r)))
         out[i, 0] = base
-        for v in range(spec.num_variants):
+        for v in range(n):
             out[i, 1 + v] = sample_variant(rng, spec, target)
     return out
+
+
+def policy_start(spec: VariantSpec, target: int) -> np.ndarray:
+    """The layout on-policy variants start from: the recency layout within min(target, W_max)
+    entries (at least the most compressed layout's). int8 [N1]."""
+    k = spec.block_size
+    least = min_wc_entries(spec.num_blocks, k, spec.recent_tokens, spec.max_lod)
+    return recency_baseline(spec.num_blocks, k, max(min(target, spec.capacity), least), max_lod=spec.max_lod)
 
 
 def variant_capacity(target: int, spec: VariantSpec) -> int:
@@ -116,7 +133,7 @@ def variant_capacity(target: int, spec: VariantSpec) -> int:
     multiple of T/8 (at least one block). It depends on the target alone, so every process
     compiles the same program, and the step compiles for at most a handful of widths over
     the whole curriculum. 0 when there are no variants."""
-    if spec.num_variants == 0:
+    if spec.num_variants + spec.num_policy == 0:
         return 0
     bucket = max(spec.block_size, spec.tokens // 8)
     return min(spec.tokens, -(-min(target, spec.capacity) // bucket) * bucket)

@@ -10,7 +10,8 @@ filler, more filler, and a question; the answer follows it:
                      provided text? The special magic number for {word} mentioned in the
                      provided text is"                                  answer " {number}"
 
-key: 5 digits, number: 7 digits, word: an adjective-noun pair from `WORDS`. The filler is
+key: 5 digits, number: 7 digits, word: an adjective-noun pair from `WORDS` (`texts` and
+`WORDS` live in data/tasks.py, which builds the training task rows too). The filler is
 held-out narrative text (its token ids, <|bos|> left out), read from an offset drawn per
 prompt and wrapped around when the text is shorter than the prompt. The needle starts at
 token 1 + round(d/100 · F) (F = filler tokens), so depth 0 puts it first and 100 right
@@ -26,12 +27,10 @@ import dataclasses
 
 import numpy as np
 
-TASKS = ("passkey", "kv")
-_ADJ = ("amber", "brisk", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lucky",
-        "mellow", "noble", "odd", "proud", "quiet", "rusty", "silent", "tidy")
-_NOUN = ("anchor", "badger", "candle", "dragon", "ember", "falcon", "garden", "harbor", "island", "jackal", "kettle",
-         "lantern", "meadow", "needle", "orchard", "pebble", "quill", "river", "saddle", "tower")
-WORDS = tuple(f"{a}-{n}" for a in _ADJ for n in _NOUN)
+from mcjax.data.tasks import WORDS, texts
+
+TASKS = ("passkey", "kv")  # eval's own order: make_prompt seeds with TASKS.index(task)
+__all__ = ["TASKS", "WORDS", "Prompt", "make_prompt", "texts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,20 +45,6 @@ class Prompt:
     needle_start: int  # index of the needle's first token in `tokens`
     needle_tokens: int
     question_tokens: int  # the prompt's last tokens
-
-
-def texts(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(needle, question, answer) of one prompt of `task`."""
-    if task == "passkey":
-        key = int(rng.integers(10_000, 100_000))
-        return (f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
-                "\nWhat is the pass key? The pass key is", f" {key}")
-    if task == "kv":
-        word, number = WORDS[int(rng.integers(len(WORDS)))], int(rng.integers(1_000_000, 10_000_000))
-        asked = f"the special magic number for {word} mentioned in the provided text"
-        return (f"\nOne of the special magic numbers for {word} is: {number}.\n",
-                f"\nWhat is {asked}? The{asked[3:]} is", f" {number}")
-    raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
 
 
 def make_prompt(tokenizer, filler: np.ndarray, task: str, length: int, depth: int, sample: int, seed: int = 0) -> Prompt:

@@ -4,7 +4,8 @@
 file, `<out_dir>/<stem>.png`: the panel's metrics against the training step, one line per
 metric, with title, legend and grid. The panels are `loss.png` (train/val/LOD losses),
 `delta_nll.png` (ΔNLL of the compressed context vs. the full one) and `lens.png` (LensNet loss,
-preference correlations and policy-score statistics). Each PNG is written atomically (temp file +
+preference correlations and policy-score statistics), `focus_gap.png`, `focus_nll.png` and
+`retrieval.png` (validation of focus: `train/focus_eval.py`). Each PNG is written atomically (temp file +
 `os.replace`). Drawing uses matplotlib's object-oriented API with the Agg canvas, so no global
 pyplot state or backend is touched.
 
@@ -35,7 +36,8 @@ PANELS: tuple[tuple[str, str, list[str]], ...] = (
     (
         "delta_nll",
         "ΔNLL (compressed − full context)",
-        ["train/delta_nll_mean", "train/delta_nll_p95", "mc/lod_delta/1", "mc/lod_delta/2", "val/delta_nll"],
+        ["train/delta_nll_mean", "train/delta_nll_p95", "mc/lod_delta/1", "mc/lod_delta/2", "val/delta_nll",
+         "mc/adv_delta_random_mean", "mc/adv_delta_policy_mean"],
     ),
     (
         "lens",
@@ -47,6 +49,21 @@ PANELS: tuple[tuple[str, str, list[str]], ...] = (
             "mc/policy_score_abs_mean",
             "mc/policy_score_std_mean",
         ],
+    ),
+    (
+        "focus_gap",
+        "Focus vs. recency and random at the same budget (val horizon NLL gap; > 0: LensNet better)",
+        ["val/focus/gap_recency", "val/focus/gap_random"],
+    ),
+    (
+        "focus_nll",
+        "Val horizon NLL by layout",
+        ["val/focus/horizon_loss_recency", "val/focus/horizon_loss_random", "val/focus/horizon_loss_lensnet"],
+    ),
+    (
+        "retrieval",
+        "Val synthetic-task answers exact (teacher-forced)",
+        ["val/retrieval/exact_recency", "val/retrieval/exact_random", "val/retrieval/exact_lensnet"],
     ),
     ("focus", "Runtime swap rate (actions per LOD1 block, per refocus)", ["runtime/swap_rate"]),
     ("latency", "Runtime latency per decode block (ms)", ["runtime/latency_ms", "runtime/latency_p99"]),

@@ -15,7 +15,10 @@ the micro-steps per step:
                       are the GPT's, as in the plain step: they count in other_ms);
   mc/variant_pack_ms  assembly (gather) of the baseline and variant working contexts;
   mc/lens_ms          LensNet on every WC + its preference loss;
-  mc/other_ms         step_ms − the three above: the base model's forward and backward on
+  mc/policy_ms        the on-policy choice (num_policy_variants > 0; forward only, no
+                      gradient flows through it): LensNet on the policy start's WC and the
+                      allocator's edits;
+  mc/other_ms         step_ms − the parts above: the base model's forward and backward on
                       every WC (token embedding included), the other losses and the
                       optimizer update;
   mc/variant_ms       host time to sample the step's layouts (numpy, every step; it
@@ -33,12 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcjax.data.pipeline import row_tasks
 from mcjax.data.variants import EVAL, VariantSpec, curriculum_target, sample_layouts, variant_capacity
 from mcjax.megacontext import losses as L
 from mcjax.megacontext.layout import entry_count, render
 from mcjax.model.megacontext import MegaContextModel
 from mcjax.telemetry.deltas import label_table, write_labels
 from mcjax.train.flops import flops_per_token
+from mcjax.train.focus_eval import focus_metrics, make_focus_probe, row_sums
 from mcjax.train.mc_step import MCForward, jit_mc_train_step, make_mc_eval_step, make_mc_probe, make_mc_train_step
 from mcjax.train.sharding import batch_sharding, global_batch, replicated
 from mcjax.train.state import TrainState
@@ -76,7 +81,9 @@ class MCRunner:
         self.cfg, self.mesh = cfg, mesh
         self.spec = VariantSpec.from_config(cfg)
         mc = cfg.megacontext
-        self.eval_spec = dataclasses.replace(self.spec, num_variants=1)
+        # Validation: baseline, one random layout and (focus_eval) the policy start, per row.
+        self.focus = mc.focus_eval
+        self.eval_spec = dataclasses.replace(self.spec, num_variants=1, num_policy=int(self.focus))
         self.eval_target = int(round((mc.eval_wc_length or mc.train_wc_length) * cfg.dataset.context_tokens))
         self.local_batch = local_batch
         self.fw = MCForward(model, cfg)
@@ -90,6 +97,11 @@ class MCRunner:
         self.probe_fn = jax.jit(
             make_mc_probe(model, cfg), in_shardings=(shardings.params, shardings.stats, sh0, sh0), out_shardings=rep, static_argnums=4
         )
+        if self.focus:
+            self.focus_fn = jax.jit(
+                make_focus_probe(model, cfg), in_shardings=(shardings.params, sh0, sh0, sh0), out_shardings=rep, static_argnums=4
+            )
+        self._val_tasks: tuple[np.ndarray, np.ndarray] | None = None  # (task, answer_tokens) per val row
         d, m = cfg.dataset, cfg.base_model
         self._fpt = lambda seq: flops_per_token(m.depth, cfg.model_dim, d.vocab_size, seq)
         self.last: Batch | None = None
@@ -116,7 +128,8 @@ class MCRunner:
             "mc/variant_ms": ms,
             "mc/target_length": float(batch.target),
             "mc/variant_capacity": float(batch.variant_capacity),
-            "mc/variants_mean": float(self.spec.num_variants),
+            "mc/variants_mean": float(self.spec.num_variants + self.spec.num_policy),
+            "mc/policy_variants": float(self.spec.num_policy),
             "mc/grad_accum_steps": float(tokens.shape[0]),
             "train/horizon_length": float(self.cfg.dataset.horizon),
             "mc/flops_per_input_token": self.flops_per_input_token(batch),
@@ -125,7 +138,8 @@ class MCRunner:
 
     def wc_work(self, batch: Batch) -> tuple[int, int, float]:
         """The base model's work on every WC of the batch: (baseline entries, variant entries,
-        training FLOPs). Entries are real (unpadded) ones, counted from the layouts; the FLOPs
+        training FLOPs). Entries are real (unpadded) ones, counted from the layouts (an on-policy
+        variant at its start's entries: the allocator's edit never exceeds them); the FLOPs
         are over those entries, with attention counted at each WC's own width (W_max for the
         baseline, W_v for the variants), never at T."""
         k = self.spec.block_size
@@ -141,14 +155,27 @@ class MCRunner:
 
     # ------------------------------------------------------------------ validation
     def eval_sums(self, params, local: np.ndarray, index: int, token_bytes) -> dict[str, float]:
-        """Sums of one validation batch (baseline + one compressed layout per row)."""
-        rows = (index * jax.process_count() + jax.process_index()) * local.shape[0] + np.arange(local.shape[0])
+        """Sums of one validation batch: baseline + one random layout per row, and with
+        focus_eval the focus probe's per-row results (`focus_eval.row_sums`)."""
+        b, procs = local.shape[0], jax.process_count()
+        rows = (index * procs + jax.process_index()) * b + np.arange(b)
         lay = sample_layouts(self.eval_spec, self.eval_target, seed=self.cfg.training.seed, step=0, rows=rows, stream=EVAL)
-        out = self.eval_fn(
-            params, global_batch(local, self.sh0), global_batch(lay, self.sh0), token_bytes,
-            variant_capacity(self.eval_target, self.eval_spec),
-        )
-        return {k: float(v) for k, v in jax.device_get(out).items()}
+        cap = variant_capacity(self.eval_target, self.eval_spec)
+        tok_g = global_batch(local, self.sh0)
+        out = self.eval_fn(params, tok_g, global_batch(lay[:, :2], self.sh0), token_bytes, cap)
+        sums = {k: float(v) for k, v in jax.device_get(out).items()}
+        if self.focus:
+            task, answer = self.val_tasks()
+            mine = answer[rows].astype(np.int32)
+            per_row = jax.device_get(self.focus_fn(params, tok_g, global_batch(lay, self.sh0), global_batch(mine, self.sh0), cap))
+            sums.update(row_sums(per_row, task[index * procs * b : (index + 1) * procs * b]))
+        return sums
+
+    def val_tasks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(task id int8, answer tokens int16) of every val row (`data/tasks.py`), read once."""
+        if self._val_tasks is None:
+            self._val_tasks = row_tasks(self.cfg.dataset.splits["val"].output_path)
+        return self._val_tasks
 
     @staticmethod
     def val_metrics(s: dict[str, float]) -> dict[str, float]:
@@ -165,29 +192,32 @@ class MCRunner:
                 "val/mc_horizon_loss": s["mc/horizon_nll_sum"] / s["mc/horizon_tokens"],
             })
             out["val/delta_nll"] = out["val/mc_horizon_loss"] - out["val/horizon_loss"]
+        out.update(focus_metrics(s))
         return out
 
     # ------------------------------------------------------------------ cadence work
     def dump(self, state: TrainState, step: int, out_dir: Path, run_dir: Path, is_main: bool) -> str | None:
         """ΔNLL label table of the last batch's first micro-step, and an ASCII LOD dump of its
-        first sequence. Returns the dump text (None without variants)."""
-        batch = self.last
-        if batch is None or self.spec.num_variants == 0:
+        first sequence (on-policy variants as the probe chose them). Returns the dump text
+        (None without variants)."""
+        batch, spec = self.last, self.spec
+        if batch is None or spec.num_variants + spec.num_policy == 0:
             return None
-        tok, lay = batch.tokens[0], batch.layouts[0]
+        tok = batch.tokens[0]
         probe = jax.device_get(self.probe_fn(
-            state.params, state.stats, global_batch(tok, self.sh0), global_batch(lay, self.sh0), batch.variant_capacity
+            state.params, state.stats, global_batch(tok, self.sh0), global_batch(batch.layouts[0], self.sh0),
+            batch.variant_capacity,
         ))
         if not is_main:
             return None
-        table = label_table(probe, step=step, block_size=self.spec.block_size, target_length=batch.target)
+        table = label_table(probe, step=step, block_size=spec.block_size, target_length=batch.target)
         write_labels(table, Path(out_dir) / "deltas", self.cfg.run, step)
-        n = self.spec.num_variants
+        lay, k = probe["layouts"][0], spec.block_size
         lines = [f"step {step}: LOD layouts of sequence 0 ('.' LOD0, '─' LOD1, '═' LOD2; one char per block)"]
-        lines.append(f"  baseline  {render(lay[0, 0])}  {entry_count(lay[0, 0], self.spec.block_size):5d} entries")
-        for v in range(n):
-            count = entry_count(lay[0, v + 1], self.spec.block_size)
-            lines.append(f"  variant {v + 1} {render(lay[0, v + 1])}  {count:5d} entries  ΔNLL {probe['delta'][0, v]:+.3f}")
+        lines.append(f"  baseline  {render(lay[0])}  {entry_count(lay[0], k):5d} entries")
+        for v in range(1, len(lay)):
+            name = f"variant {v}" if v <= spec.num_variants else f"policy {v - spec.num_variants} "
+            lines.append(f"  {name} {render(lay[v])}  {entry_count(lay[v], k):5d} entries  ΔNLL {probe['delta'][0, v - 1]:+.3f}")
         text = "\n".join(lines)
         with open(Path(run_dir) / "lod_dumps.txt", "a") as f:
             f.write(text + "\n")
@@ -210,7 +240,8 @@ class MCRunner:
     def part_programs(self, params, batch: Batch) -> dict[str, tuple]:
         """The controller parts of one micro-step jitted alone, forward + backward, each
         differentiated only with respect to what it trains (so no zero gradients are
-        materialised for the rest): {"build_ms" | "variant_pack_ms" | "lens_ms": (fn, args)}."""
+        materialised for the rest), and the on-policy choice (forward only):
+        {"build_ms" | "variant_pack_ms" | "lens_ms" [| "policy_ms"]: (fn, args)}."""
         fw = self.fw
         tok = global_batch(batch.tokens[0], self.sh0)
         lay = global_batch(batch.layouts[0], self.sh0)
@@ -240,13 +271,17 @@ class MCRunner:
             return L.preference_loss(costs, jnp.zeros_like(costs), 0.0, 1.0, 1.0)
 
         lens = jax.jit(jax.grad(lens_loss))
-        return {
+        parts = {
             "build_ms": (build, (params["gistnet"], emb)),
             "variant_pack_ms": (pack, (tree, lay)),
             "lens_ms": (lens, (params["lensnet"], params, base, var, lay)),
         }
+        if fw.num_policy:
+            policy = jax.jit(lambda params, tree, start, key: fw.policy(params, tree, start, fw.num_policy, wv, key, fw.explore))
+            parts["policy_ms"] = (policy, (params, tree, lay[:, -1], jax.random.key(0)))
+        return parts
 
     def part_times(self, params, batch: Batch) -> dict[str, float]:
-        """build_ms, variant_pack_ms, lens_ms of one step: each part alone × the micro-steps."""
+        """build_ms, variant_pack_ms, lens_ms (and policy_ms) of one step: each part alone × the micro-steps."""
         a = batch.tokens.shape[0]
         return {name: a * timed_ms(fn, *args) for name, (fn, args) in self.part_programs(params, batch).items()}

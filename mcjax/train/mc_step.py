@@ -1,35 +1,44 @@
 """The MegaContext train and eval steps: base model, GistNet and LensNet in one jitted program.
 
 A batch is `tokens int [A, B, T+1]` (A accumulation micro-steps of B sequences, one
-lookahead token each) and `layouts int8 [A, B, M, N1]` (M = 1 + N: the recency
-baseline, then N random variants, sampled on the host by `data/variants.py`). Per
-micro-step, on the device:
+lookahead token each) and `layouts int8 [A, B, M, N1]` (M = 1 + N + P: the recency
+baseline, N random variants, and P copies of the *policy start* — the recency layout at
+the variants' target — all sampled on the host by `data/variants.py`). Per micro-step, on
+the device:
 
 1. embed the T tokens; GistNet builds LOD1/LOD2 in one batched call per level;
-2. assemble the baseline WCs `[B, W_max]` and the variant WCs `[B·N, W_v]` (W_v: a
+2. on-policy variants (P > 0): LensNet scores the policy start's WC and the focus
+   allocator edits it P times (`MCForward.policy`: Gumbel top-k, thresholds off, so
+   every variant is LensNet's own sampled choice of swaps at the start's budget); the
+   edited layouts replace the P start copies. No gradient flows through the choice;
+3. assemble the baseline WCs `[B, W_max]` and the variant WCs `[B·(N+P), W_v]` (W_v: a
    static width from the host, see `variants.variant_capacity`);
-3. the GPT runs on every WC (positions and spans from the WC: Gaussian RoPE); every entry
+4. the GPT runs on every WC (positions and spans from the WC: Gaussian RoPE); every entry
    predicts the token right after its span (targets up to index T: the lookahead), so
    no entry is ever trained on a token it contains;
-4. losses: the mean over WCs of each WC's mean entry NLL (GPT and GistNet learn through
+5. losses: the mean over WCs of each WC's mean entry NLL (GPT and GistNet learn through
    it); gist-delta penalty `gist_delta_weight · relu(ΔNLL)`; optional KL of the variants'
    horizon distributions to the baseline's (`gist_kl_weight`); LensNet's Bradley–Terry
    preference loss (`losses.py`, `lens_loss_weight`). LensNet reads the WCs with their
    embeddings under stop-gradient: its loss trains LensNet only.
-5. one optax update of all three nets; the running ΔNLL statistics that normalise
+6. one optax update of all three nets; the running ΔNLL statistics that normalise
    LensNet's labels fold in this step's ΔNLLs.
 
 Metrics come back as one pytree of scalars (names as in the telemetry spec), with
-`train/finite` as in the plain step (`step.finite_flag`).
+`train/finite` as in the plain step (`step.finite_flag`); ΔNLL statistics are also split
+by kind (`mc/adv_delta_random_*`, `mc/adv_delta_policy_*`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mcjax.megacontext import losses as L
+from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed, refocus
 from mcjax.megacontext.layout import WorkingContext, assemble
 from mcjax.megacontext.tree import build_tree
 from mcjax.model.gpt import GPT
@@ -50,6 +59,27 @@ def _flat(wc: WorkingContext) -> WorkingContext:
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), wc)
 
 
+def policy_params(cfg, *, explore: bool) -> AllocatorParams:
+    """The allocator that makes on-policy layouts: thresholds off (LensNet's best-ranked swaps
+    are always taken), `megacontext.policy_rounds` rounds of up to allocator.max_replacements
+    collapses then expands, no cooldown. explore: Gumbel top-k at policy_temperature (training
+    labels); else greedy (validation). Its budget (w_max) is set per layout by `MCForward.policy`."""
+    mc = cfg.megacontext
+    return AllocatorParams(
+        k=cfg.dataset.block_size,
+        w_max=cfg.wc_capacity,
+        recent_tokens=mc.recent_tokens,
+        max_lod=mc.max_lod,
+        max_replacements=cfg.allocator.max_replacements,
+        expand_threshold=-jnp.inf,
+        collapse_threshold=-jnp.inf,
+        cooldown_steps=0,
+        iterations=mc.policy_rounds,
+        policy="stochastic" if explore else "greedy",
+        temperature=mc.policy_temperature,
+    )
+
+
 class MCForward:
     """The device-side pieces of a MegaContext step for one config (pure functions of params)."""
 
@@ -63,6 +93,8 @@ class MCForward:
         self.max_lod = cfg.megacontext.max_lod if t >= self.k * self.k else 1  # LOD2 needs a whole superblock
         self.tail_blocks = cfg.megacontext.recent_tokens // self.k  # never compressed: no gists built
         self.gaussian = cfg.megacontext.rope == "gaussian"
+        self.num_policy = cfg.megacontext.num_policy_variants  # the last P layouts: the policy start
+        self.explore = policy_params(cfg, explore=True)
 
     def embed(self, params, tokens):
         """tokens int [B, T+1] -> the GPT's embeddings of the first T tokens [B, T, D]."""
@@ -106,6 +138,25 @@ class MCForward:
         wc = wc._replace(emb=jax.lax.stop_gradient(wc.emb))
         return self.lens.apply({"params": params["lensnet"]}, wc)
 
+    def policy(self, params, tree, start, count: int, capacity: int, key, alloc: AllocatorParams):
+        """On-policy layouts: `count` allocator edits of each start layout, at its own budget.
+
+        start int8 [B, N1]: the layouts to edit (≤ capacity entries); key: PRNG key.
+        -> (layouts int8 [B, count, N1] (no gradient), stats of `allocator.refocus` [B, count]).
+        """
+        wc = self.assemble(tree, start[:, None], capacity)  # [B, W]
+        scores = jax.lax.stop_gradient(self.scores(params, wc))
+        b, n1 = start.shape
+        keys = jax.random.split(key, (b, count))
+
+        def one(lod, wc, s, key):
+            p = dataclasses.replace(alloc, w_max=entries(lod, self.k))
+            new, _, stats = refocus(lod, wc, s, never_changed(n1), 0, key, p)
+            return new, stats
+
+        per_row = jax.vmap(one, in_axes=(None, None, None, 0))
+        return jax.vmap(per_row)(start, wc, scores, keys)
+
     def layout_costs(self, layouts, base, s_base, var=None, s_var=None):
         """LensNet's cost c_l of each layout (losses.py). layouts int8 [B, M, N1]; base WCs
         [B, W] and their scores; variant WCs [B·N, W_v] and scores (None without variants).
@@ -130,18 +181,28 @@ def _per_wc_mean(nll, valid):
     return nll.sum(-1) / jnp.maximum(valid.sum(-1), 1)
 
 
-def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: int, details: bool = False):
-    """Loss and metrics of one micro-batch. tokens int [B, T+1]; layouts int8 [B, M, N1].
+def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: int, key, details: bool = False):
+    """Loss and metrics of one micro-batch. tokens int [B, T+1]; layouts int8 [B, M, N1]
+    (the last P = megacontext.num_policy_variants: the policy start); key: PRNG key of the
+    on-policy choices.
 
-    Returns (loss, (metrics dict of f32 scalars, variant ΔNLLs f32 [B, N])); with
-    `details`, the aux also holds the variants' per-entry arrays [B·N, W_v] (lod, pos,
-    span, valid, nll, entry_delta, score) for ΔNLL label tables and LOD dumps.
+    Returns (loss, (metrics dict of f32 scalars, variant ΔNLLs f32 [B, N+P])); with
+    `details`, the aux also holds the variants' per-entry arrays [B·(N+P), W_v] (lod, pos,
+    span, valid, nll, entry_delta, score) and the layouts the step used, for ΔNLL label
+    tables and LOD dumps.
     """
     mc = fw.cfg.megacontext
     b, t1 = tokens.shape
     t, m = t1 - 1, layouts.shape[1]
-    n = m - 1
+    n, p = m - 1, fw.num_policy
     tree = fw.tree(params, tokens)
+    metrics = {}
+    if p:
+        start = layouts[:, -1]
+        chosen, stats = fw.policy(params, tree, start, p, variant_capacity, key, fw.explore)
+        layouts = jnp.concatenate([layouts[:, : m - p], chosen.astype(layouts.dtype)], axis=1)
+        metrics["mc/policy_swaps"] = (stats["num_expands"] + stats["num_collapses"]).mean(dtype=jnp.float32)
+        metrics["mc/policy_changed"] = (chosen != start[:, None]).any(-1).mean(dtype=jnp.float32)
 
     base = fw.assemble(tree, layouts[:, :1], fw.capacity)  # [B, W]
     nll_b, hid_b = fw.entry_nll(params, base, tokens)
@@ -153,7 +214,6 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
     score_sets = [(s_b, base.valid)]
     util = [base.valid.sum(-1) / fw.capacity]
     loss_extra = jnp.zeros((), jnp.float32)
-    metrics = {}
 
     if n:
         var = fw.assemble(tree, layouts[:, 1:], variant_capacity)  # [B·N, W_v]
@@ -192,13 +252,18 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
             metrics[f"{name}_mean"] = d.mean()
             metrics[f"{name}_p95"] = jnp.percentile(d, 95)
         metrics["mc/adv_delta_std"] = d.std()
+        if p:  # by kind: the random variants, then the on-policy ones
+            for kind, part in (("random", d[:, : n - p]), ("policy", d[:, n - p :])):
+                if part.size:
+                    metrics[f"mc/adv_delta_{kind}_mean"] = part.mean()
+                    metrics[f"mc/adv_delta_{kind}_p95"] = jnp.percentile(part, 95)
         metrics["mc/horizon_loss_variants"] = jax.lax.stop_gradient(hor_v).mean()
         metrics["mc/variant_entries_mean"] = var.valid.sum(-1).mean().astype(jnp.float32)
         if details:
             metrics["details"] = {
                 "lod": var.lod, "pos": var.pos, "span": var.span, "valid": var.valid,
                 "nll": jax.lax.stop_gradient(nll_v), "entry_delta": entry_delta,
-                "comparable": comparable, "score": jax.lax.stop_gradient(s_v),
+                "comparable": comparable, "score": jax.lax.stop_gradient(s_v), "layouts": layouts,
             }
     else:
         delta = jnp.zeros((b, 0), jnp.float32)
@@ -245,17 +310,20 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
 
     def train_step(state: TrainState, tokens, layouts, variant_capacity: int):
         moments = L.ema_moments(state.stats["delta_ema"], mc.advantage_ema)
-        grad_fn = jax.value_and_grad(lambda p, tok, lay: mc_loss(fw, p, tok, lay, moments, variant_capacity), has_aux=True)
+        grad_fn = jax.value_and_grad(
+            lambda p, tok, lay, key: mc_loss(fw, p, tok, lay, moments, variant_capacity, key), has_aux=True
+        )
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(t.seed), state.step), tokens.shape[0])
 
         def micro(acc, xs):
             (_, (metrics, delta)), grads = grad_fn(state.params, *xs)
             return jax.tree.map(jnp.add, acc, grads), (metrics, delta)
 
         if tokens.shape[0] == 1:
-            (_, (metrics, delta)), grads = grad_fn(state.params, tokens[0], layouts[0])
+            (_, (metrics, delta)), grads = grad_fn(state.params, tokens[0], layouts[0], keys[0])
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, (metrics, delta) = jax.lax.scan(micro, zeros, (tokens, layouts))
+            grads, (metrics, delta) = jax.lax.scan(micro, zeros, (tokens, layouts, keys))
             grads = jax.tree.map(lambda g: g / tokens.shape[0], grads)
             metrics = jax.tree.map(jnp.nanmean, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -323,14 +391,16 @@ def make_mc_eval_step(model: MegaContextModel, cfg):
 
 def make_mc_probe(model: MegaContextModel, cfg):
     """(params, stats, tokens [B, T+1], layouts [B, M, N1], variant_capacity) -> per-variant
-    ΔNLL [B, N] and the variants' per-entry arrays [B·N, W_v] (forward only; for the ΔNLL
-    label tables and LOD dumps written on a cadence)."""
+    ΔNLL [B, N+P], the variants' per-entry arrays [B·(N+P), W_v] and the layouts used
+    (on-policy ones chosen with a fixed key) — forward only; for the ΔNLL label tables and
+    LOD dumps written on a cadence."""
     fw = MCForward(model, cfg)
     decay = cfg.megacontext.advantage_ema
+    key = jax.random.key(cfg.training.seed)
 
     def probe(params, stats, tokens, layouts, variant_capacity: int):
         moments = L.ema_moments(stats["delta_ema"], decay)
-        _, (metrics, delta) = mc_loss(fw, params, tokens, layouts, moments, variant_capacity, details=True)
+        _, (metrics, delta) = mc_loss(fw, params, tokens, layouts, moments, variant_capacity, key, details=True)
         return {"delta": delta, **metrics["details"]}
 
     return probe
