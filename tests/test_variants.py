@@ -79,6 +79,8 @@ def test_variant_capacity_buckets():
     assert variant_capacity(128, spec) == 128
     assert variant_capacity(300, spec) == 256
     assert variant_capacity(100, dataclasses.replace(spec, num_variants=0)) == 0
+    long = _spec(n1=1024, capacity=2048)  # T = 8,192 = 4 · W_max: buckets of W_max/8 (not T/8 = W_max)
+    assert [variant_capacity(t, long) for t in (2048, 5000, 1100)] == [2048, 2048, 1280]
 
 
 def test_curriculum_anneals_then_holds(tmp_path):

@@ -130,10 +130,10 @@ def policy_start(spec: VariantSpec, target: int) -> np.ndarray:
 
 def variant_capacity(target: int, spec: VariantSpec) -> int:
     """Static WC width of the variants at a target length: min(target, W_max) rounded up to a
-    multiple of T/8 (at least one block). It depends on the target alone, so every process
-    compiles the same program, and the step compiles for at most a handful of widths over
-    the whole curriculum. 0 when there are no variants."""
+    multiple of min(T, W_max)/8 (at least one block). It depends on the target alone, so every
+    process compiles the same program, and the step compiles for at most a handful of widths
+    over the whole curriculum. 0 when there are no variants."""
     if spec.num_variants + spec.num_policy == 0:
         return 0
-    bucket = max(spec.block_size, spec.tokens // 8)
+    bucket = max(spec.block_size, min(spec.tokens, spec.capacity) // 8)
     return min(spec.tokens, -(-min(target, spec.capacity) // bucket) * bucket)
