@@ -47,6 +47,9 @@ class DatasetConfig:
     # Synthetic long-range task rows mixed in at prep (mcjax/data/tasks.py): task name
     # (passkey, kv, vartrack) → share of each split's rows; the rest is natural text.
     tasks: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Train task rows get new facts in every epoch after the first (data/pipeline.py TaskRefresh),
+    # so no answer can be memorised; validation rows stay as prepared.
+    task_refresh: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,7 @@ class BaseModelConfig:
 class GistNetConfig:
     kind: Literal["mean", "transformer"] = "transformer"  # mean: pooling + head only
     layers: int = 2  # transformer layers over a block (bidirectional, RoPE within the block)
+    width: int = 0  # the transformer's width; 0 = model_dim; less: down/up projections around it (gistnet.py)
     pooling: Literal["mean", "query", "cls"] = "mean"
     head: Literal["linear", "mlp"] = "mlp"
     num_heads: int = 0  # 0 = model_dim // base_model.head_dim
@@ -543,8 +547,12 @@ def _validate_megacontext(cfg: Config, fail) -> None:
     g, lens = cfg.gistnet, cfg.lensnet
     if g.layers < 1:
         fail("gistnet.layers", f"must be ≥ 1, got {g.layers}")
-    if g.num_heads < 0 or dim % (g.num_heads or dim // hd):
-        fail("gistnet.num_heads", f"must divide model_dim ({dim}), got {g.num_heads}")
+    gist_width = g.width or dim
+    if not 0 <= g.width <= dim or gist_width % 2:
+        fail("gistnet.width", f"must be an even number in [2, model_dim = {dim}] (or 0 = model_dim), got {g.width}")
+    heads = g.num_heads or max(1, gist_width // hd)
+    if g.num_heads < 0 or gist_width % heads or (gist_width // heads) % 2:
+        fail("gistnet.num_heads", f"must split gistnet width {gist_width} into even-sized heads, got {g.num_heads}")
     if lens.layers < 1:
         fail("lensnet.layers", f"must be ≥ 1, got {lens.layers}")
     lens_dim = lens.dim or dim

@@ -129,6 +129,41 @@ def test_gradient_reaches_every_param(combo, data):
     np.testing.assert_array_equal(np.asarray(gx)[~np.asarray(mask)], 0)  # nothing flows into padding
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_narrow_width(pooling, data):
+    """gistnet.width G < D: the encoder (and cls entry) at G between down [D, G] and up [G, D];
+    fresh, it is the mean-pooling baseline; with random params every one gets a gradient and
+    padding still changes nothing; a width above D or one the heads cannot split is refused."""
+    x, mask = data
+    net = _net("transformer", pooling, "mlp", width=8)
+    params = nn.unbox(jax.eval_shape(net.init, jax.random.key(0), x, mask))["params"]
+    assert params["down"].shape == (D, 8) and params["up"].shape == (8, D)
+    assert params["encoder"]["wq"].shape == (1, 8, 8) and params["head"]["w_fc"].shape == (D, 4 * D)
+    assert pooling != "cls" or params["cls"].shape == (8,)
+    fresh = nn.unbox(jax.jit(net.init)(jax.random.key(1, impl="rbg"), x, mask))
+    want = rms_norm(masked_mean(rms_norm(x.reshape(6, K, D)), mask.reshape(6, K))).reshape(2, 3, D)
+    np.testing.assert_allclose(net.apply(fresh, x, mask), jnp.where(mask.any(-1)[..., None], want, 0), atol=1e-5)
+
+    rand = _random_params(net, x, mask)
+    garbage = jnp.where(mask[..., None], x, 1e4)
+    target = jax.random.normal(jax.random.key(5), (2, 3, D))
+
+    @jax.jit
+    def run(p):
+        loss = lambda p: jnp.sum(net.apply(p, x, mask) * target)
+        return net.apply(p, x, mask), net.apply(p, garbage, mask), jax.grad(loss)(p)
+
+    y, y_garbage, grads = run(rand)
+    np.testing.assert_allclose(y_garbage, y, atol=1e-6)
+    assert not np.allclose(y, net.apply(fresh, x, mask), atol=1e-3)  # the narrow path is wired in
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.abs(np.asarray(g)).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+    with pytest.raises(ValueError, match=r"width must lie in \[1, dim = 16\]"):
+        jax.eval_shape(_net("transformer", pooling, "mlp", width=32).init, jax.random.key(0), x, mask)
+    with pytest.raises(ValueError, match="width 6 must split into 2 heads"):
+        jax.eval_shape(_net("transformer", pooling, "mlp", width=6).init, jax.random.key(0), x, mask)
+
+
 def test_params_carry_logical_axes(data):
     from mcjax.train.sharding import RULES
 
@@ -175,6 +210,8 @@ def test_build_gistnet_from_config(tmp_path):
     params = jax.eval_shape(net.init, jax.random.key(0), x)
     assert jax.eval_shape(net.apply, params, x).shape == (3, 64)
     assert build_gistnet(config_from_dict(tiny_config(tmp_path, gistnet={"num_heads": 4}))).num_heads == 4
+    narrow = build_gistnet(config_from_dict(tiny_config(tmp_path, gistnet={"width": 32})))
+    assert (narrow.dim, narrow.inner_width, narrow.num_heads) == (64, 32, 1)  # heads of base_model.head_dim
 
 
 def test_attention_choice(tmp_path, data):

@@ -131,3 +131,53 @@ def test_eval_batches_split_over_processes(arrow):
     assert len(per[0]) == len(per[1]) == 6
     rows = [i for p in range(2) for b in per[p] for i in ids(b)]
     assert sorted(rows) == list(range(96))
+
+
+def test_task_refresh_draws_new_facts_every_epoch_after_the_first(tmp_path):
+    """dataset.task_refresh: epoch 0 reads the prepared rows; in epoch 1 every task row (and
+    only those) is a new row of its task — <|bos|> first, the answer a number stated earlier
+    in the row — the same for every iterator, also after a resume; the prepared data does
+    not depend on the key."""
+    import re
+
+    from conftest import tiny_config
+
+    from mcjax.data.pipeline import TaskRefresh, row_tasks
+    from mcjax.data.tasks import split_stream
+    from mcjax.data.tokenizer import Tokenizer
+
+    raw = tiny_config(tmp_path, dataset={"context_tokens": 256, "max_source_bytes": 100_000,
+                                         "tasks": {"passkey": 0.2, "vartrack": 0.2}})
+    cfg = config_from_dict(raw)
+    prep.prepare(cfg, log=lambda _: None)
+    raw["dataset"]["task_refresh"] = False
+    assert prep.is_prepared(config_from_dict(raw))
+    path, tok_path = cfg.dataset.splits["train"].output_path, prep.tokenizer_path(cfg)
+    source, (task, _) = ArrowSequences(path), row_tasks(path)
+    n, file_rows = len(source), {source[i].tobytes(): i for i in range(len(source))}
+    tok = Tokenizer.load(tok_path)
+
+    def iterator():
+        refresh = TaskRefresh(path, tok_path, seed=0, stream=split_stream("train"))
+        return train_iterator(path, batch_size=1, seed=0, refresh=refresh)
+
+    it = iterator()
+    first, second = [next(it)[0] for _ in range(n)], [next(it)[0] for _ in range(n)]
+    assert sorted(file_rows[r.tobytes()] for r in first) == list(range(n))  # epoch 0: the file
+    kept = sorted(file_rows[r.tobytes()] for r in second if r.tobytes() in file_rows)
+    assert kept == np.flatnonzero(task == 0).tolist()  # epoch 1: the natural rows as they were
+    new = [r for r in second if r.tobytes() not in file_rows]
+    assert len(new) == (task > 0).sum() > 0 and len({r.tobytes() for r in new}) == len(new)
+    for row in new:
+        assert row.shape == (257,) and row[0] == tok.bos_id
+        text = tok.decode(row.tolist())
+        answer = re.search(r"(\d+)\s*$", text).group(1)
+        assert text.count(answer) >= 2, text[-200:]  # stated in a fact, asked at the end
+    again = iterator()
+    for _ in range(n + 5):
+        next(again)
+    state = again.get_state()
+    np.testing.assert_array_equal(np.stack([next(again)[0] for _ in range(10)]), np.stack(second[5:15]))
+    resumed = iterator()
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.stack([next(resumed)[0] for _ in range(10)]), np.stack(second[5:15]))

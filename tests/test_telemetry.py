@@ -168,6 +168,15 @@ def test_disabled_wandb_never_imported(tmp_path: Path, monkeypatch: pytest.Monke
     assert not list(run_dir.rglob("*wandb*")) and not (tmp_path / "wandb-home").exists()
 
 
+
+def test_missing_wandb_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mcjax.errors import ConfigError
+    from mcjax.telemetry.wandb_sink import WandbSink
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match="telemetry.wandb: 'offline' needs the wandb package, which is not installed"):
+        WandbSink(make_cfg(tmp_path, wandb="offline"), tmp_path / "run")
+
 def test_histogram_all_nan_does_not_crash(tmp_path: Path) -> None:
     with Telemetry(make_cfg(tmp_path), tmp_path / "run") as tel:
         tel.log(1, {"loss": float("inf")}, {"h": np.full(3, np.nan)})

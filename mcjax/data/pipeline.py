@@ -7,6 +7,8 @@ JSON-able dict and `set_state()` on a fresh iterator resumes exactly.
 `eval_batches(...)` yields the first rows in order, for validation.
 `row_tasks(path)` reads the rows' task labels (prep's dataset.tasks): which rows are synthetic
 task rows, and how many of their last tokens are the answer.
+`TaskRefresh` (dataset.task_refresh) gives the train iterator's task rows new facts in every
+epoch after the first, so a model cannot learn a row's answer by heart from its filler.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import grain
 import numpy as np
 import pyarrow as pa
 
+from mcjax.data.tasks import TASKS, task_rows
+from mcjax.data.tokenizer import Tokenizer
 from mcjax.errors import DataError
 
 
@@ -97,11 +101,13 @@ def train_iterator(
     process_count: int = 1,
     num_threads: int = 2,
     prefetch: int = 4,
+    refresh: TaskRefresh | None = None,
 ) -> grain.DatasetIterator:
     """Endless shuffled batches `[batch_size, T+1]` int32 of this process's share of rows.
 
     Process p reads rows p, p + P, p + 2P, ... (disjoint across processes). Each epoch over
-    that share is a fresh seeded permutation; batches may straddle epoch boundaries.
+    that share is a fresh seeded permutation; batches may straddle epoch boundaries. With
+    `refresh`, a task row read in epoch e ≥ 1 is `refresh(row index, e, row)`.
     """
     source = ArrowSequences(path)
     share = len(range(process_index, len(source), process_count))
@@ -110,8 +116,13 @@ def train_iterator(
             f"{path}: process {process_index}/{process_count} gets {share} rows, "
             f"fewer than the batch size {batch_size}"
         )
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    ds = grain.MapDataset.source(source)
+    if refresh is not None:
+        ds = ds.map_with_index(lambda i, row: (i % len(source), row))  # the row's index in the file (grain reads i mod n)
+    ds = ds[process_index::process_count].shuffle(seed=seed).repeat(None)
+    if refresh is not None:
+        ds = ds.map_with_index(lambda k, item: refresh(item[0], k // share, item[1]))
+    ds = ds.batch(batch_size, drop_remainder=True)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))
 
@@ -162,3 +173,38 @@ def row_tasks(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     table = reader.read_all().select(have)  # memory-mapped: the tokens are not copied
     return (table.column("task").to_numpy().astype(np.int8),
             table.column("answer_tokens").to_numpy().astype(np.int16))
+
+
+class TaskRefresh:
+    """New facts for a prepared file's task rows in every epoch after the first.
+
+    `refresh(r, e, row)` is row r of the file as read in epoch e: itself for e = 0 and for
+    natural rows; for a task row, a new row of that task (`tasks.task_rows` keyed (r, e), in
+    the split's stream) whose filler is one of the file's natural rows (any row when it has
+    none), drawn by the same key — so the answer of epoch e is never one seen before, and
+    nothing beyond the memory-mapped file is held. Deterministic in (file, tokenizer, seed,
+    stream, r, e). The tokenizer is loaded on first use.
+    """
+
+    def __init__(self, path: str | Path, tokenizer: str | Path, *, seed: int, stream: int):
+        self.path, self.tokenizer_path, self.seed, self.stream = str(path), str(tokenizer), seed, stream
+        self.source = ArrowSequences(path)
+        self.task, _ = row_tasks(path)
+        natural = np.flatnonzero(self.task == 0)
+        self.fillers = natural if len(natural) else np.arange(len(self.source))
+        if not Path(self.tokenizer_path).is_file():
+            raise DataError(f"{self.tokenizer_path}: tokenizer not found; run `mcjax prep` for this config")
+        self._tok: Tokenizer | None = None
+
+    def __call__(self, index: int, epoch: int, row: np.ndarray) -> np.ndarray:
+        kind = int(self.task[index])
+        if epoch == 0 or kind == 0:
+            return row
+        if self._tok is None:
+            self._tok = Tokenizer.load(self.tokenizer_path)
+        key = (int(index), int(epoch))
+        pick = np.random.default_rng((self.seed, self.stream, *key)).integers(len(self.fillers))
+        filler = self.source[int(self.fillers[pick])][:-1]
+        rows, _ = task_rows(self._tok, filler[filler != self._tok.bos_id], TASKS[kind - 1], 1, len(row),
+                            seed=self.seed, stream=self.stream, keys=[key])
+        return rows[0]

@@ -20,7 +20,7 @@ them, and meta.json lists them (`held_out`, by kind).
 With dataset.tasks (task → share w, S = the sum), each split's n natural rows get
 round(n * w / (1 - S)) rows of each task (`tasks.py`; with S = 1, round(n * w) and the natural
 rows are dropped), so the task's share of the split is w. Their filler is the split's own
-natural text; task_rows' stream is zlib.crc32 of the split name. The natural and task rows
+natural text; task_rows' stream is tasks.split_stream(split name). The natural and task rows
 are then shuffled by a generator seeded by (training.seed, stream).
 
 Each split is written as an Arrow IPC file with the column `tokens: fixed_size_list<uint16|int32,
@@ -40,7 +40,6 @@ import os
 import shutil
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ import pyarrow as pa
 from mcjax.config import Config
 from mcjax.data.corpus import Document, read_documents
 from mcjax.data.holdout import split_documents
-from mcjax.data.tasks import TASKS, task_rows
+from mcjax.data.tasks import TASKS, split_stream, task_rows
 from mcjax.data.tokenizer import Tokenizer, train_bpe
 from mcjax.errors import ConfigError, DataError
 
@@ -77,8 +76,9 @@ def tokenizer_path(cfg: Config) -> Path:
 def config_fingerprint(cfg: Config) -> str:
     """sha256 of the dataset section and training.seed: what the prepared files depend on.
     dataset.packing and dataset.tasks count only when set, so data prepared before they existed
-    stays valid."""
+    stays valid; dataset.task_refresh (the train pipeline's) never does."""
     dataset = dataclasses.asdict(cfg.dataset)
+    del dataset["task_refresh"]
     for key, default in (("packing", "stream"), ("tasks", {})):
         if dataset[key] == default:
             del dataset[key]
@@ -256,7 +256,7 @@ class Mixed:
 
 def _mix_tasks(cfg: Config, tok: Tokenizer, name: str, natural: np.ndarray) -> Mixed:
     """Split `name`'s natural rows `[n, T+1]` with dataset.tasks' rows mixed in (module doc)."""
-    d, seed, stream = cfg.dataset, cfg.training.seed, zlib.crc32(name.encode())
+    d, seed, stream = cfg.dataset, cfg.training.seed, split_stream(name)
     filler = natural[:, :-1].reshape(-1)
     filler = filler[filler != tok.bos_id]
     if len(filler) == 0:

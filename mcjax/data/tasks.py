@@ -20,15 +20,19 @@ The filler is natural text (token ids, <|bos|> left out) read from an offset dra
 and wrapped around when the text is shorter than the row. Each fact goes at a depth drawn
 uniformly over the filler (0 = right after <|bos|>, F = right before the question; the facts
 keep their drawn order). Row i of a task is drawn from numpy's generator seeded by
-(seed, stream, TASKS.index(task), i), stream naming the split: the same arguments give the
-same rows, token for token. Each piece (filler, fact, question, answer) is tokenized on its
-own, at whitespace, as the byte-level BPE pre-tokenizes anyway.
+(seed, stream, TASKS.index(task), *keys[i]) — keys[i] = (i,) at prep, stream naming the
+split; the train pipeline redraws row r of epoch e ≥ 1 with the key (r, e) (`pipeline.py`):
+the same arguments give the same rows, token for token. Each piece (filler, fact, question,
+answer) is tokenized on its own, at whitespace, as the byte-level BPE pre-tokenizes anyway.
 
 `texts` draws the (needle, question, answer) of one passkey or kv prompt; `mcjax eval`'s
 prompts (eval/passkey.py) use it too.
 """
 
 from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -41,6 +45,11 @@ _NOUN = ("anchor", "badger", "candle", "dragon", "ember", "falcon", "garden", "h
          "lantern", "meadow", "needle", "orchard", "pebble", "quill", "river", "saddle", "tower")
 WORDS = tuple(f"{a}-{n}" for a in _ADJ for n in _NOUN)
 KV_FACTS, VARTRACK_FACTS = 4, 6
+
+
+def split_stream(split: str) -> int:
+    """The `stream` of a split's task rows: zlib.crc32 of its name."""
+    return zlib.crc32(split.encode())
 
 
 def _kv(word: str, number: int) -> tuple[str, str, str]:
@@ -79,8 +88,9 @@ def _pieces(task: str, rng: np.random.Generator) -> tuple[list[str], str, str]:
 
 
 def task_rows(tokenizer: Tokenizer, filler: np.ndarray, task: str, count: int, tokens_per_row: int, *,
-              seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` rows of `task` (module doc) from `filler` int [N] (text tokens, no <|bos|>).
+              seed: int, stream: int, keys: Sequence[tuple[int, ...]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`count` rows of `task` (module doc) from `filler` int [N] (text tokens, no <|bos|>);
+    row i's generator is keyed by keys[i] (default (i,)).
 
     Returns (rows int32 [count, tokens_per_row], answer_tokens int16 [count]): row i's answer
     is its last answer_tokens[i] tokens. ValueError when a row cannot hold <|bos|>, the facts,
@@ -88,7 +98,8 @@ def task_rows(tokenizer: Tokenizer, filler: np.ndarray, task: str, count: int, t
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-    rngs = [np.random.default_rng((seed, stream, TASKS.index(task), i)) for i in range(count)]
+    keys = [(i,) for i in range(count)] if keys is None else keys
+    rngs = [np.random.default_rng((seed, stream, TASKS.index(task), *key)) for key in keys[:count]]
     drawn = [_pieces(task, rng) for rng in rngs]
     ids = iter(np.asarray(x, np.int32) for x in tokenizer.encode_batch([s for f, q, a in drawn for s in (*f, q, a)]))
     rows = np.empty((count, tokens_per_row), np.int32)

@@ -19,6 +19,13 @@ Pipeline:
                    attend to it; its output is the pooled vector.
   head "linear": y @ w (D -> D); "mlp": y + relu²(rms_norm(y) @ w_fc) @ w_proj (D -> 4D -> D).
 
+  width G < D (a narrow transformer, gistnet.width): the encoder and pooling run at width G
+  on rms_norm(x) @ down [D, G], and the pooled vector comes back through up [G, D] beside the
+  mean-pooling baseline: y = masked_mean(rms_norm(x)) + pool(...) @ up -> head -> rms_norm.
+  GistNet reads every one of the T input tokens while the base model reads only W_max
+  entries per working context, so at T ≫ W_max its width sets the controller's cost: G = D/2
+  quarters the encoder's FLOPs.
+
 Design decisions:
   * The final parameter-free rms_norm puts gists on the unit-RMS scale of the normed token
     embeddings, so LOD2 GistNet inputs (LOD1 gists) look like LOD0 inputs (and the base
@@ -33,6 +40,8 @@ Design decisions:
 Params (f32, cast to `dtype` for compute; L = layers; D = N·H):
   encoder/{wq, wk, wv, wo} [L, D, D], encoder/w_fc [L, D, 4D], encoder/w_proj [L, 4D, D],
   cls [D] (pooling "cls"); pool/{query [D], wk [D, D]} (pooling "query");
+  with width G < D, the encoder, cls and pool are at G (D -> G in the shapes above), plus
+  down [D, G] and up [G, D] (zero at init, so a fresh narrow GistNet is mean pooling too);
   head/w [D, D] (head "linear") or head/{w_fc [D, 4D], w_proj [4D, D]} (head "mlp").
 """
 
@@ -120,6 +129,7 @@ class GistNet(nn.Module):
 
     dim: int
     kind: str = "transformer"  # "mean" | "transformer"
+    width: int = 0  # the transformer's width G (0 = dim); G < dim adds the down/up projections
     layers: int = 2
     pooling: str = "mean"  # "mean" | "query" | "cls"
     head: str = "mlp"  # "linear" | "mlp"
@@ -139,14 +149,26 @@ class GistNet(nn.Module):
         if self.kind == "transformer":
             if self.layers < 1:
                 raise ValueError(f"GistNet transformer needs layers ≥ 1, got {self.layers}")
-            if self.num_heads < 1 or self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-                raise ValueError(f"GistNet dim {self.dim} must split into {self.num_heads} heads of even width")
+            w = self.inner_width
+            if not 0 < w <= self.dim:
+                raise ValueError(f"GistNet width must lie in [1, dim = {self.dim}] (0 = dim), got {self.width}")
+            if self.num_heads < 1 or w % self.num_heads or (w // self.num_heads) % 2:
+                raise ValueError(f"GistNet width {w} must split into {self.num_heads} heads of even width")
+
+    @property
+    def inner_width(self) -> int:
+        """The transformer's width: `width`, or `dim` when it is 0."""
+        return self.width or self.dim
 
     def _encode(self, x, mask):
         """rms_norm, a CLS entry appended at position K (pooling "cls"), then the encoder
-        with RoPE at positions 0..K(-1) within the block. -> outputs [B, K', D], mask [B, K']."""
+        with RoPE at positions 0..K(-1) within the block, at the inner width G (after `down`
+        when G < D). -> outputs [B, K', G], mask [B, K']."""
         rows, _, d = x.shape
-        h = rms_norm(x)
+        h, g = rms_norm(x), self.inner_width
+        if g < d:
+            down = self.param("down", nn.with_logical_partitioning(fan_in_init(d, g), ("embed", "mlp")), (d, g), jnp.float32)
+            h, d = h @ down.astype(h.dtype), g
         if self.pooling == "cls":
             cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)), (d,), jnp.float32)
             h = jnp.concatenate([h, jnp.broadcast_to(cls.astype(h.dtype), (rows, 1, d))], axis=1)
@@ -170,28 +192,34 @@ class GistNet(nn.Module):
             y = masked_mean(x, mask)
         else:
             h, hmask = self._encode(x, mask)
+            g = self.inner_width
             if self.pooling == "cls":
                 y = h[:, -1]
             elif self.pooling == "query":
-                y = QueryPool(d, self.num_heads, self.dtype, name="pool")(h, hmask)
+                y = QueryPool(g, self.num_heads, self.dtype, name="pool")(h, hmask)
             else:
                 y = masked_mean(h, hmask)
+            if g < d:  # back to D beside the mean-pooling baseline (up is zero at init)
+                up = self.param("up", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp", "embed")), (g, d), jnp.float32)
+                y = masked_mean(rms_norm(x), mask) + y @ up.astype(y.dtype)
         y = rms_norm(Head(d, self.head, self.dtype, name="head")(y))
         y = jnp.where(mask.any(axis=-1, keepdims=True), y, 0).astype(self.dtype)
         return y.reshape(*lead, d)
 
 
 def build_gistnet(cfg) -> GistNet:
-    """The GistNet that `cfg` (an mcjax Config) describes: width model_dim, the base model's
-    head width and RoPE base, the compute dtype resolved as for the GPT."""
+    """The GistNet that `cfg` (an mcjax Config) describes: gists of width model_dim, the
+    transformer at gistnet.width (0 = model_dim), the base model's head width and RoPE base,
+    the compute dtype resolved as for the GPT."""
     g, m = cfg.gistnet, cfg.base_model
     return GistNet(
         dim=cfg.model_dim,
         kind=g.kind,
+        width=g.width,
         layers=g.layers,
         pooling=g.pooling,
         head=g.head,
-        num_heads=g.num_heads or max(1, cfg.model_dim // m.head_dim),
+        num_heads=g.num_heads or max(1, (g.width or cfg.model_dim) // m.head_dim),
         dtype=resolve(m.dtype, m.attention).dtype,
         rope_base=m.rope_base,
         attention=resolve(m.dtype, g.attention).attention,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mcjax.config import Config
+from mcjax.errors import ConfigError
 
 HIST_BINS = 32
 
@@ -33,7 +34,11 @@ class WandbSink:
     """Logs scalars, histograms, text and the summary to a W&B run."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
-        import wandb  # lazy: heavy, and only needed when W&B is enabled
+        try:
+            import wandb  # lazy: heavy, and only needed when W&B is enabled
+        except ImportError:
+            raise ConfigError(f"{cfg.source_file}: telemetry.wandb: {cfg.telemetry.wandb!r} needs the wandb package, "
+                              "which is not installed: pip install wandb, or set telemetry.wandb=disabled") from None
 
         self._wandb = wandb
         self.run = wandb.init(

@@ -19,8 +19,9 @@ import numpy as np
 
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import Config
-from mcjax.data.pipeline import eval_batches, train_iterator
+from mcjax.data.pipeline import TaskRefresh, eval_batches, train_iterator
 from mcjax.data.prep import is_prepared, prepare, tokenizer_path
+from mcjax.data.tasks import split_stream
 from mcjax.data.tokenizer import Tokenizer
 from mcjax.errors import UserError
 from mcjax.restore import TOKENIZER
@@ -94,12 +95,17 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
         )
 
     local_batch = t.batch_size // procs
+    train_path = cfg.dataset.splits["train"].output_path
+    refresh = None
+    if cfg.dataset.tasks and cfg.dataset.task_refresh:
+        refresh = TaskRefresh(train_path, tokenizer_path(cfg), seed=t.seed, stream=split_stream("train"))
     data = train_iterator(
-        cfg.dataset.splits["train"].output_path,
+        train_path,
         batch_size=local_batch,
         seed=t.seed,
         process_index=jax.process_index(),
         process_count=procs,
+        refresh=refresh,
     )
     if latest is not None:
         state, data_state, _ = parts.restore(ckpt, latest)
