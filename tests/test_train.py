@@ -128,3 +128,56 @@ def test_two_processes_through_the_launcher(tmp_path, prepared_data):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 device(s) {'data': 2" in res.stdout and res.stdout.count("report card") == 1
     assert sorted(_losses(tmp_path / "artifacts/runs/tiny")) == [1, 2, 3, 4]
+
+
+def test_two_slurm_tasks_join_from_the_slurm_environment(tmp_path, prepared_data):
+    """Two processes started as srun would start them (SLURM_* variables only, one node, two
+    tasks): they find the coordinator from SLURM_STEP_NODELIST and train one 2-device mesh."""
+    import socket
+
+    raw = _cfg(tmp_path, prepared_data, training={"max_steps": 3, "micro_batch_size": 8})
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = cli_env()
+        env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                   SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2", MCJAX_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "mcjax.cli", "train", "--config", str(cfg)], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    assert "2 device(s) {'data': 2" in outs[0][0] and "report card" in outs[0][0]
+    assert "report card" not in outs[1][0]  # only process 0 logs
+    assert sorted(_losses(tmp_path / "artifacts/runs/tiny")) == [1, 2, 3]
+
+
+def test_resume_on_another_device_count(tmp_path, prepared_data):
+    """Elastic resume: 4 steps on a 4×2 mesh of 8 devices, then `--resume` on 1 device for
+    steps 5–8 (and 1 → 8): the same data position and parameters, so every step's loss
+    matches the uninterrupted 1-device run within the 1-vs-8 tolerance (2e-4)."""
+    meshes = {1: ["mesh.data=-1", "mesh.fsdp=1"], 8: ["mesh.data=4", "mesh.fsdp=2"]}
+
+    def run(root: Path, devices: int, steps: int, *flags: str) -> subprocess.CompletedProcess:
+        root.mkdir(exist_ok=True)
+        raw = _cfg(root, prepared_data, training={"max_steps": 8, "micro_batch_size": 8, "warmdown_ratio": 0.0})
+        cfg = write_config(root / "c.yaml", raw)
+        res = run_cli(["train", "--config", str(cfg), *flags, f"training.max_steps={steps}", *meshes[devices]],
+                      cwd=root, devices=devices)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res
+
+    run(tmp_path / "ref", 1, 8)
+    reference = _losses(tmp_path / "ref/artifacts/runs/tiny")
+    for first, then in [(8, 1), (1, 8)]:
+        root = tmp_path / f"{first}to{then}"
+        run(root, first, 4)
+        res = run(root, then, 8, "--resume")
+        assert "resumed 'tiny' from step 4" in res.stdout + res.stderr
+        losses = _losses(root / "artifacts/runs/tiny")
+        assert sorted(losses) == list(range(1, 9))
+        for step, loss in reference.items():
+            assert losses[step] == pytest.approx(loss, abs=2e-4), (first, then, step)
