@@ -78,5 +78,7 @@ def test_slurm_settings():
     per_gpu = {**base, "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
     assert slurm_settings(per_gpu) == Cluster("node3:32345", 8, 5, 1)  # one task per GPU
     assert slurm_settings({**per_gpu, "MCJAX_PORT": "4000"}).coordinator == "node3:4000"
+    assert slurm_settings({**per_gpu, "CUDA_VISIBLE_DEVICES": "1"}).local_device is None  # srun narrowed it already
+    assert slurm_settings({**per_gpu, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}).local_device == 1
     with pytest.raises(UserError, match="start each task with srun"):
         slurm_settings({"SLURM_NTASKS": "2"})

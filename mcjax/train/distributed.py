@@ -7,7 +7,8 @@
   first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) at port MCJAX_PORT, else
   20000 + SLURM_JOB_ID mod 20000 (the same on every task, distinct between jobs). With
   several tasks on a node, task SLURM_LOCALID uses local device SLURM_LOCALID (one process
-  per GPU); with one task per node, it uses all of the node's devices.
+  per GPU) unless CUDA_VISIBLE_DEVICES already names a single GPU (srun --gpus-per-task=1);
+  with one task per node, it uses all of the node's devices.
 - On a multi-host TPU slice, JAX finds the cluster itself.
 Single-process runs (one CPU, one GPU, one TPU host) skip it.
 """
@@ -68,7 +69,8 @@ def slurm_settings(env: Mapping[str, str]) -> Cluster | None:
                         "start each task with srun (launch/run.sh slurm)")
     port = int(env.get("MCJAX_PORT") or 20000 + int(env.get("SLURM_JOB_ID") or 0) % 20000)
     per_node = _tasks_on_first_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1")
-    local = int(env.get("SLURM_LOCALID") or 0) if per_node > 1 else None
+    one_gpu = "," not in env.get("CUDA_VISIBLE_DEVICES", ",")  # srun --gpus-per-task=1 already narrowed it
+    local = int(env.get("SLURM_LOCALID") or 0) if per_node > 1 and not one_gpu else None
     return Cluster(f"{expand_nodelist(nodes)[0]}:{port}", tasks, int(env["SLURM_PROCID"]), local)
 
 
