@@ -61,6 +61,8 @@ def test_rows_are_deterministic_per_seed_stream_and_index(tok_filler):
     again, again_answers = task_rows(tok, filler, "vartrack", 2, L, seed=0, stream=2)
     np.testing.assert_array_equal(rows[:2], again)  # row i does not depend on the count
     np.testing.assert_array_equal(answers[:2], again_answers)
+    keyed = task_rows(tok, filler, "vartrack", 2, L, seed=0, stream=2, keys=[(2,), (0,)])[0]
+    np.testing.assert_array_equal(keyed, rows[[2, 0]])  # default keys are (i,); others pick other rows
     assert not np.array_equal(rows[0], rows[1])
     assert not np.array_equal(rows, task_rows(tok, filler, "vartrack", 3, L, seed=1, stream=2)[0])
     assert not np.array_equal(rows, task_rows(tok, filler, "vartrack", 3, L, seed=0, stream=3)[0])
@@ -76,6 +78,8 @@ def test_rows_too_short_or_unknown_task_fail(tok_filler):
         task_rows(tok, filler, "nope", 1, L, seed=0, stream=0)
     with pytest.raises(ValueError, match="no filler"):
         task_rows(tok, filler[:0], "passkey", 1, L, seed=0, stream=0)
+    with pytest.raises(ValueError, match="1 keys for 2 rows"):
+        task_rows(tok, filler, "passkey", 2, L, seed=0, stream=0, keys=[(0, 1)])
 
 
 @pytest.mark.parametrize("task,length,depth,sample,seed,answer,start", [

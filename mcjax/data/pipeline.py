@@ -187,7 +187,7 @@ class TaskRefresh:
     """
 
     def __init__(self, path: str | Path, tokenizer: str | Path, *, seed: int, stream: int):
-        self.path, self.tokenizer_path, self.seed, self.stream = str(path), str(tokenizer), seed, stream
+        self.tokenizer_path, self.seed, self.stream = str(tokenizer), seed, stream
         self.source = ArrowSequences(path)
         self.task, _ = row_tasks(path)
         natural = np.flatnonzero(self.task == 0)

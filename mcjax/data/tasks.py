@@ -99,7 +99,9 @@ def task_rows(tokenizer: Tokenizer, filler: np.ndarray, task: str, count: int, t
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
     keys = [(i,) for i in range(count)] if keys is None else keys
-    rngs = [np.random.default_rng((seed, stream, TASKS.index(task), *key)) for key in keys[:count]]
+    if len(keys) != count:
+        raise ValueError(f"{len(keys)} keys for {count} rows")
+    rngs = [np.random.default_rng((seed, stream, TASKS.index(task), *key)) for key in keys]
     drawn = [_pieces(task, rng) for rng in rngs]
     ids = iter(np.asarray(x, np.int32) for x in tokenizer.encode_batch([s for f, q, a in drawn for s in (*f, q, a)]))
     rows = np.empty((count, tokens_per_row), np.int32)
