@@ -26,7 +26,6 @@ from gpt_throughput import summarize_trace  # noqa: E402
 from mcjax.bench import bench_inputs, mc_setup  # noqa: E402
 from mcjax.config import load_config  # noqa: E402
 from mcjax.train.mc_runner import MCRunner, timed_ms  # noqa: E402
-from mcjax.train.optim import build_optimizer  # noqa: E402
 from mcjax.train.sharding import batch_sharding, global_batch, make_mesh  # noqa: E402
 
 
@@ -72,7 +71,7 @@ def main(argv=None) -> dict:
     cfg, tokens = bench_inputs(load_config(args.config, args.overrides), args.batch)
     mesh = make_mesh(cfg)
     sh = batch_sharding(mesh, leading=1)
-    runner, state, batch = mc_setup(cfg, build_optimizer(cfg), mesh, tokens, args.wc_length)
+    runner, state, batch = mc_setup(cfg, tokens, args.wc_length)
     wv = batch.variant_capacity
     tok_g, lay_g = global_batch(tokens, sh), global_batch(batch.layouts, sh)
     box = {"state": state}

@@ -28,20 +28,16 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mcjax.config import Config
 from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity
-from mcjax.model.gpt import build_gpt
-from mcjax.model.megacontext import build_megacontext
-from mcjax.train.flops import flops_per_token, mfu, peak_flops
+from mcjax.train.flops import config_flops_per_token, mfu, peak_flops
 from mcjax.train.mc_runner import Batch, MCRunner, timed_ms
-from mcjax.train.mc_step import initial_stats
 from mcjax.train.memory import device_memory
-from mcjax.train.optim import build_optimizer
 from mcjax.train.sharding import batch_sharding, global_batch, make_mesh
-from mcjax.train.state import TrainState, create_state, state_shardings
+from mcjax.train.setup import build_parts
+from mcjax.train.state import TrainState
 from mcjax.train.step import jit_train_step, make_train_step
 
 
@@ -63,30 +59,26 @@ def bench_inputs(cfg: Config, batch: int) -> tuple[Config, np.ndarray]:
     return cfg, np.random.default_rng(0).integers(0, v, (1, batch, t + 1)).astype(np.int32)
 
 
-def mc_setup(cfg: Config, tx, mesh, tokens: np.ndarray, wc_length: float) -> tuple[MCRunner, TrainState, Batch]:
+def mc_setup(cfg: Config, tokens: np.ndarray, wc_length: float) -> tuple[MCRunner, TrainState, Batch]:
     """The MegaContext step of `cfg` ready to time on `tokens` [1, B, T+1]: its runner, a fresh
-    state, and the batch with layouts sampled at variant length `wc_length` × T."""
+    state (a pretrained base loaded beside it), and the batch with layouts sampled at variant
+    length `wc_length` × T."""
     t, b = cfg.dataset.context_tokens, tokens.shape[1]
-    model = build_megacontext(cfg)
-    sample = jnp.zeros((1, t), jnp.int32)
-    shard = state_shardings(model, tx, mesh, sample, initial_stats)
-    runner = MCRunner(cfg, model, tx, shard, mesh, local_batch=b)
+    parts = build_parts(dataclasses.replace(cfg, megacontext=dataclasses.replace(cfg.megacontext, enabled=True)))
+    runner = MCRunner(parts.cfg, parts.model, parts.tx, parts.shardings, parts.mesh, local_batch=b)
     spec = VariantSpec.from_config(cfg)
     target = int(round(wc_length * t))
     lay = sample_layouts(spec, target, seed=0, step=0, rows=np.arange(b))[None]
-    state = create_state(model, tx, shard, 0, sample, initial_stats)
-    return runner, state, Batch(tokens, lay, target, variant_capacity(target, spec))
+    return runner, parts.fresh(), Batch(tokens, lay, target, variant_capacity(target, spec))
 
 
 def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup: int = 3) -> dict:
     """Time both steps of `cfg` at `batch` sequences; returns the results table as a dict."""
     cfg, tokens = bench_inputs(cfg, batch)
-    t, v = cfg.dataset.context_tokens, cfg.dataset.vocab_size
-    mesh = make_mesh(cfg)
-    sh = batch_sharding(mesh, leading=1)
+    t = cfg.dataset.context_tokens
+    sh = batch_sharding(make_mesh(cfg), leading=1)
     peak = peak_flops()
-    fpt = flops_per_token(cfg.base_model.depth, cfg.model_dim, v, t)
-    sample = jnp.zeros((1, t), jnp.int32)
+    fpt = config_flops_per_token(cfg, t)
     out: dict = {
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
         "config": cfg.name, "batch": batch, "seq": t, "variants": cfg.megacontext.num_random_variants,
@@ -94,11 +86,10 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
         "wc_length": wc_length,
     }
 
-    # ---- baseline: the plain GPT step
-    gpt, tx = build_gpt(cfg), build_optimizer(cfg)
-    shard = state_shardings(gpt, tx, mesh, sample)
-    step = jit_train_step(make_train_step(gpt, tx, cfg), shard, sh, mesh)
-    box = {"state": create_state(gpt, tx, shard, 0, sample)}
+    # ---- baseline: the plain step of the base model (a pretrained one frozen, its LoRA training)
+    plain = build_parts(dataclasses.replace(cfg, megacontext=dataclasses.replace(cfg.megacontext, enabled=False)))
+    step = jit_train_step(make_train_step(plain.model, plain.tx, plain.cfg), plain.shardings, sh, plain.mesh)
+    box = {"state": plain.fresh()}
     tok = global_batch(tokens, sh)
     out["baseline_program_gb"] = _program_gb(step, box["state"], tok)
 
@@ -110,10 +101,10 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
     out.update(baseline_step_ms=ms, baseline_tok_per_sec=batch * t / ms * 1e3)
     out["baseline_mfu"] = mfu(out["baseline_tok_per_sec"], fpt, jax.device_count(), peak)
     out["baseline_device_peak_gb"] = device_memory().get("runtime/gpu_memory_peak_gb", float("nan"))
-    del box["state"]  # free the plain state before building the MegaContext one
+    del box["state"], plain  # free the plain state before building the MegaContext one
 
     # ---- MegaContext step
-    runner, box["state"], mc_batch = mc_setup(cfg, tx, mesh, tokens, wc_length)
+    runner, box["state"], mc_batch = mc_setup(cfg, tokens, wc_length)
     wv = mc_batch.variant_capacity
     tok_g, lay_g = global_batch(tokens, sh), global_batch(mc_batch.layouts, sh)
     out["mc_program_gb"] = _program_gb(runner.step_fn, box["state"], tok_g, lay_g, wv)
@@ -128,7 +119,7 @@ def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup:
     t0 = time.perf_counter()
     runner.sample(tokens, 0)
     variant_ms = (time.perf_counter() - t0) * 1e3
-    parts = runner.part_times(box["state"].params, mc_batch)
+    parts = runner.part_times(box["state"].model_params(), mc_batch)
     rate = batch * t / ms * 1e3
     out.update(
         mc_step_ms=ms,

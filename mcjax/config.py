@@ -54,7 +54,13 @@ class DatasetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
-    name: Literal["gpt"] = "gpt"
+    # "gpt": the nanochat GPT trained from scratch (the keys below shape it). Anything else names a
+    # pretrained Llama-family base (e.g. HuggingFaceTB/SmolLM2-360M) read from `path`, a local HF
+    # directory (config.json, *.safetensors, tokenizer.json); it is frozen (LoRA adapters train),
+    # and depth, model_dim, head_dim, rope_base, softcap and dataset.vocab_size come from its
+    # config.json (mcjax/model/hf_config.py). There are no downloads.
+    name: str = "gpt"
+    path: str = ""  # the pretrained base's directory; "" = `name`, when that is a local directory
     depth: int = 12
     model_dim: int = 0  # 0 = 64 * depth (the nanochat rule)
     head_dim: int = 128
@@ -65,6 +71,18 @@ class BaseModelConfig:
     remat: Literal["none", "full", "save_dots"] = "none"
     loss_chunk_tokens: int = 0  # head + cross-entropy in chunks of this many tokens; 0 = one chunk
     loss_impl: Literal["fused", "recompute"] = "fused"  # see mcjax/model/xent.py
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on a pretrained base's projections (mcjax/model/llama.py); rank 0 = none
+    (the base stays exactly as loaded)."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, in training
+    targets: tuple[str, ...] = ("q", "k", "v", "o")  # of q, k, v, o, gate, up, down
+    lr: float = 2e-4  # AdamW, on the trainable schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +241,7 @@ class Config:
     name: str
     dataset: DatasetConfig
     base_model: BaseModelConfig = BaseModelConfig()
+    lora: LoraConfig = LoraConfig()
     gistnet: GistNetConfig = GistNetConfig()
     lensnet: LensNetConfig = LensNetConfig()
     megacontext: MegaContextConfig = MegaContextConfig()
@@ -239,6 +258,11 @@ class Config:
     @property
     def run(self) -> str:
         return self.run_name or self.name
+
+    @property
+    def pretrained(self) -> bool:
+        """A pretrained (frozen) base read from base_model.path, not the GPT."""
+        return self.base_model.name != "gpt"
 
     @property
     def model_dim(self) -> int:
@@ -293,15 +317,49 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     for item in overrides:
         _apply_override(raw, item, where)
     cfg = _build(Config, raw, "", where)
-    cfg = dataclasses.replace(cfg, source_file=where)
+    cfg = _with_pretrained(dataclasses.replace(cfg, source_file=where))
     validate(cfg)
     return cfg
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "<memory>") -> Config:
-    cfg = dataclasses.replace(_build(Config, raw, "", where), source_file=where)
+    cfg = _with_pretrained(dataclasses.replace(_build(Config, raw, "", where), source_file=where))
     validate(cfg)
     return cfg
+
+
+def base_model_dir(cfg: Config) -> Path:
+    """The pretrained base's directory: base_model.path, else base_model.name as a path."""
+    m = cfg.base_model
+    return Path(m.path or m.name).expanduser()
+
+
+def _with_pretrained(cfg: Config) -> Config:
+    """A pretrained base's shape keys taken from its config.json (see BaseModelConfig), and its
+    tokenizer.json as the tokenizer when dataset.tokenizer is "bpe". ConfigError naming
+    base_model.path when the directory or its config.json is missing or unsupported."""
+    if not cfg.pretrained:
+        return cfg
+    from mcjax.errors import UserError
+    from mcjax.model.hf_config import read_spec
+
+    m, where = cfg.base_model, cfg.source_file
+    directory = base_model_dir(cfg)
+    if not directory.is_dir():
+        hint = "" if m.path else " (set base_model.path to a local Hugging Face model directory; there are no downloads)"
+        raise ConfigError(f"{where}: base_model.path: {directory} is not a directory{hint}")
+    try:
+        spec = read_spec(directory)
+    except UserError as e:
+        raise ConfigError(f"{where}: base_model.path: {e}") from None
+    base = dataclasses.replace(
+        m, depth=spec.num_layers, model_dim=spec.hidden_size, head_dim=spec.head_dim, rope_base=spec.rope_theta, softcap=0.0
+    )
+    tokenizer = cfg.dataset.tokenizer
+    if tokenizer == "bpe":
+        tokenizer = str(directory / "tokenizer.json")
+    dataset = dataclasses.replace(cfg.dataset, vocab_size=spec.vocab_size, tokenizer=tokenizer)
+    return dataclasses.replace(cfg, base_model=base, dataset=dataset)
 
 
 def _apply_override(raw: dict, item: str, where: str) -> None:
@@ -471,6 +529,7 @@ def validate(cfg: Config) -> None:
         fail("base_model.softcap", f"must be ≥ 0 (0 disables), got {m.softcap}")
     if m.loss_chunk_tokens < 0:
         fail("base_model.loss_chunk_tokens", f"must be ≥ 0, got {m.loss_chunk_tokens}")
+    _validate_lora(cfg, fail)
 
     _validate_megacontext(cfg, fail)
     _validate_eval_keys(cfg, fail)
@@ -515,6 +574,25 @@ def validate(cfg: Config) -> None:
         fail("checkpoint.every_tokens", f"must be ≥ 0, got {cfg.checkpoint.every_tokens}")
     if cfg.telemetry.log_every_tokens < 0:
         fail("telemetry.log_every_tokens", f"must be ≥ 0, got {cfg.telemetry.log_every_tokens}")
+
+
+def _validate_lora(cfg: Config, fail) -> None:
+    from mcjax.model.hf_config import PROJECTIONS
+
+    lo = cfg.lora
+    if lo.rank < 0:
+        fail("lora.rank", f"must be ≥ 0 (0 = no adapters), got {lo.rank}")
+    if lo.rank and not cfg.pretrained:
+        fail("lora.rank", "LoRA adapts a pretrained base: set base_model.name and base_model.path (the GPT trains all its weights)")
+    if not 0.0 <= lo.dropout < 1.0:
+        fail("lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    if lo.alpha <= 0 or lo.lr < 0:
+        fail("lora.alpha", f"alpha must be > 0 and lr ≥ 0, got alpha {lo.alpha}, lr {lo.lr}")
+    bad = [t for t in lo.targets if t not in PROJECTIONS]
+    if bad or not lo.targets or len(set(lo.targets)) < len(lo.targets):
+        fail("lora.targets", f"must list distinct projections of {', '.join(PROJECTIONS)}, got {list(lo.targets)}")
+    if cfg.pretrained and not lo.rank and not cfg.megacontext.enabled:
+        fail("lora.rank", "a frozen pretrained base without MegaContext has nothing to train: set lora.rank > 0 or megacontext.enabled")
 
 
 def _validate_tasks(d: DatasetConfig, fail) -> None:

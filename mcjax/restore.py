@@ -80,4 +80,4 @@ def load_run(run: str | Path, overrides: Sequence[str] = (), step: int | None = 
         state, _, _ = parts.restore(ckpt, step)
     finally:
         ckpt.close()
-    return LoadedRun(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, model=parts.model, params=state.params, step=step)
+    return LoadedRun(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, model=parts.model, params=state.model_params(), step=step)

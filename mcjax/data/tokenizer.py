@@ -3,10 +3,15 @@
 `train_bpe(texts, vocab_size)` trains deterministically (same texts → byte-identical
 tokenizer.json); `Tokenizer.load(path)` reads a local tokenizer.json. Id 0 is `<|bos|>`,
 which prep puts before every document; `<|pad|>` is reserved.
+
+A pretrained model's tokenizer.json has its own document-start token: the `bos_token` of a
+tokenizer_config.json beside it, else the first of `BOS_FALLBACKS` it has (Llama 3's
+`<|begin_of_text|>`, Llama 2's `<s>`, SmolLM's and Qwen's `<|endoftext|>`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,13 +23,25 @@ from mcjax.errors import DataError
 BOS = "<|bos|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (BOS, PAD)
+BOS_FALLBACKS = (BOS, "<|begin_of_text|>", "<s>", "<|endoftext|>")
+
+
+def _configured_bos(path: Path) -> str | None:
+    """bos_token of tokenizer_config.json beside `path` (a string or {"content": ...})."""
+    config = path.parent / "tokenizer_config.json"
+    try:
+        bos = json.loads(config.read_text()).get("bos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return bos.get("content") if isinstance(bos, dict) else bos
 
 
 class Tokenizer:
     """Encode text to token ids and back. Wraps a `tokenizers.Tokenizer`."""
 
-    def __init__(self, hf: tokenizers.Tokenizer):
+    def __init__(self, hf: tokenizers.Tokenizer, bos: str = BOS):
         self.hf = hf
+        self.bos = bos
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -37,10 +54,11 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{path}: not a valid tokenizer.json: {first}") from None
-        tok = cls(hf)
-        if tok.hf.token_to_id(BOS) is None:
-            raise DataError(f"{path}: tokenizer has no {BOS} token")
-        return tok
+        candidates = [b for b in (_configured_bos(path), *BOS_FALLBACKS) if b]
+        bos = next((b for b in candidates if hf.token_to_id(b) is not None), None)
+        if bos is None:
+            raise DataError(f"{path}: tokenizer has no document-start token (none of {', '.join(dict.fromkeys(candidates))})")
+        return cls(hf, bos)
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json (compact, deterministic)."""
@@ -55,7 +73,7 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        bos = self.hf.token_to_id(BOS)
+        bos = self.hf.token_to_id(self.bos)
         assert bos is not None  # checked at load/train
         return bos
 

@@ -25,7 +25,6 @@ import numpy as np
 
 from mcjax.eval.setup import Plan, derive
 from mcjax.megacontext.layout import entry_count
-from mcjax.model.gpt import GPT
 from mcjax.model.xent import token_nll
 from mcjax.train.mc_step import MCForward
 
@@ -91,7 +90,7 @@ def _tail_nll(fw: MCForward, tail: int, params, tokens, layouts, capacity: int):
     idx = wc.valid.sum(-1)[:, None] - tail + jnp.arange(tail)  # the tail: the last `tail` entries, all raw
     h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
     targets = jnp.take_along_axis(jnp.repeat(tokens, m, axis=0), jnp.take_along_axis(wc.pos, idx, axis=1) + 1, axis=1)
-    head = fw.gpt.apply(gpt, method=GPT.head)
+    head = fw.gpt.apply(gpt, method="head")
     nll = token_nll(h.reshape(-1, h.shape[-1]), head, targets.reshape(-1), softcap=fw.gpt.softcap,
                     chunk_tokens=LOSS_CHUNK)
     return nll.reshape(r, m, tail)

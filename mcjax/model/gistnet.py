@@ -137,6 +137,9 @@ class GistNet(nn.Module):
     dtype: Dtype = jnp.float32
     rope_base: float = 10000.0
     attention: str = "xla"  # "xla" | "cudnn" (encoder.py); "cls" pooling always uses "xla"
+    # A learned scalar `scale` [] on the unit-RMS gists, for a pretrained base that reads raw
+    # embeddings (its token rows are far from unit RMS); training sets it to their RMS at init.
+    scaled: bool = False
 
     def check(self) -> None:
         """Raise ValueError for an invalid combination of fields (trace-time, host only)."""
@@ -203,6 +206,8 @@ class GistNet(nn.Module):
                 up = self.param("up", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp", "embed")), (g, d), jnp.float32)
                 y = masked_mean(rms_norm(x), mask) + y @ up.astype(y.dtype)
         y = rms_norm(Head(d, self.head, self.dtype, name="head")(y))
+        if self.scaled:  # a pretrained base's raw embeddings are not unit-RMS: a learned scale
+            y = y * self.param("scale", nn.initializers.ones, (), jnp.float32).astype(y.dtype)
         y = jnp.where(mask.any(axis=-1, keepdims=True), y, 0).astype(self.dtype)
         return y.reshape(*lead, d)
 
@@ -223,4 +228,5 @@ def build_gistnet(cfg) -> GistNet:
         dtype=resolve(m.dtype, m.attention).dtype,
         rope_base=m.rope_base,
         attention=resolve(m.dtype, g.attention).attention,
+        scaled=cfg.pretrained,
     )

@@ -233,6 +233,38 @@ class GPT(nn.Module):
 
         return softcap_logits(self(tokens), self.head(), self.softcap)
 
+    # -- pure functions of a param tree (no module binding): the KV cache composes them, and
+    # the pretrained base (llama.py) has the same ones ------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.dim // self.head_dim
+
+    def embed_tokens(self, params, tokens: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(params["wte"], tokens, axis=0).astype(self.dtype)
+
+    def head_matrix(self, params) -> jnp.ndarray:
+        return params["lm_head"].astype(self.dtype)
+
+    def rope(self, positions, spans=None):
+        return rope_angles(positions, self.head_dim, self.rope_base, spans)
+
+    def begin(self, emb: jnp.ndarray) -> jnp.ndarray:
+        """Input entries [B, T, D] -> the residual stream (normed embeddings)."""
+        return rms_norm(emb.astype(self.dtype))
+
+    def finish(self, params, x: jnp.ndarray) -> jnp.ndarray:
+        return rms_norm(x)
+
+    def layer_weights(self, params) -> list[dict[str, jnp.ndarray]]:
+        ws = {name: w.astype(self.dtype) for name, w in params["blocks"].items()}
+        return split_layers(ws, self.depth)
+
+    def attn_in(self, i: int, x, w, cos, sin, key=None):
+        return _attn_in(x, w["wq"], w["wk"], w["wv"], cos, sin, self.head_dim)
+
+    def attn_out_mlp(self, x, y, w, key=None):
+        return _attn_out_mlp(x, y, w["wo"], w["w_fc"], w["w_proj"])
+
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:

@@ -8,17 +8,19 @@ net on its own sub-tree (`gpt.apply({"params": params["gpt"]}, …)`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mcjax.megacontext.layout import assemble
+from mcjax.model.base import build_base
 from mcjax.model.gistnet import GistNet, build_gistnet
-from mcjax.model.gpt import GPT, build_gpt
 from mcjax.model.lensnet import LensNet, build_lensnet
 
 
 class MegaContextModel(nn.Module):
-    gpt: GPT
+    gpt: Any  # the base model: GPT or a pretrained Llama (model/base.py)
     gistnet: GistNet
     lensnet: LensNet
     block_size: int
@@ -39,5 +41,5 @@ class MegaContextModel(nn.Module):
 def build_megacontext(cfg) -> MegaContextModel:
     """The GPT, GistNet and LensNet that `cfg` describes, under one param tree."""
     return MegaContextModel(
-        gpt=build_gpt(cfg), gistnet=build_gistnet(cfg), lensnet=build_lensnet(cfg), block_size=cfg.dataset.block_size
+        gpt=build_base(cfg), gistnet=build_gistnet(cfg), lensnet=build_lensnet(cfg), block_size=cfg.dataset.block_size
     )

@@ -23,15 +23,20 @@ def rope_frequencies(head_dim: int, base: float) -> jnp.ndarray:
 
 
 def rope_angles(
-    positions: jnp.ndarray, head_dim: int, base: float, spans: jnp.ndarray | None = None
+    positions: jnp.ndarray,
+    head_dim: int,
+    base: float,
+    spans: jnp.ndarray | None = None,
+    frequencies: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos and sin of the rotation, f32 [B, T, head_dim/2] each.
 
     positions [B, T] (int or float): first token of each entry. spans [B, T] or None:
     tokens each entry covers; given, the rotation is Gaussian (centred, damped); None or
-    all-ones spans give plain RoPE at `positions`.
+    all-ones spans give plain RoPE at `positions`. frequencies [head_dim/2]: ω of a
+    pretrained model's scaled RoPE (`llama.rope_frequencies_of`); None: `rope_frequencies`.
     """
-    omega = rope_frequencies(head_dim, base)
+    omega = rope_frequencies(head_dim, base) if frequencies is None else frequencies
     pos = positions.astype(jnp.float32)
     if spans is None:
         angles = pos[..., None] * omega

@@ -29,6 +29,7 @@ import numpy as np
 
 from mcjax.config import runtime_capacity, validate_runtime
 from mcjax.errors import UserError
+from mcjax.model.llama import merge_lora
 from mcjax.restore import LoadedRun, load_run
 from mcjax.runtime.mc import MCRuntime
 from mcjax.runtime.plain import PlainRuntime
@@ -97,6 +98,8 @@ class Engine:
         self.rt, self._ingest, self._generate, self._score, self._rebuild, self._pending_fn = _programs(
             kind, run.model if kind == "mc" else gpt, cfg
         )
+        if getattr(gpt, "lora_spec", None) is not None:  # a pretrained base: adapters folded in once
+            params = dict(params, gpt=merge_lora(gpt, params["gpt"]))
         self.params = _compute_params(params, gpt.dtype)
         self.block = cfg.runtime.refocus_interval
         self.chunk = cfg.runtime.ingest_chunk if kind == "mc" else min(cfg.runtime.ingest_chunk, cfg.wc_capacity)

@@ -3,6 +3,8 @@
 FLOPs per token follow nanochat's estimate: 6 × (parameters other than the input
 embedding) for the matmuls of forward + backward, plus 12 · L · D · T for attention
 scores and values at sequence length T (full causal attention counted as nanochat does).
+A pretrained base's weights are frozen: its matmuls count 4 × (forward, and the gradients of
+their inputs; no weight gradients), over its own shapes (grouped-query k/v, SwiGLU MLP).
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ def flops_per_token(depth: int, dim: int, vocab: int, seq_len: int) -> float:
     """Training FLOPs per token of the GPT (forward + backward)."""
     matrices = depth * 12 * dim * dim + dim * vocab  # q,k,v,o (4D²) + MLP (8D²) per layer, head
     return 6.0 * matrices + 12.0 * depth * dim * seq_len
+
+
+def config_flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of `cfg`'s base model (an mcjax Config) at sequence length T."""
+    if not cfg.pretrained:
+        return flops_per_token(cfg.base_model.depth, cfg.model_dim, cfg.dataset.vocab_size, seq_len)
+    from mcjax.model.base import llama_spec
+
+    s = llama_spec(cfg)
+    d, q, kv = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    matrices = s.num_layers * (2 * d * q + 2 * d * kv + 3 * d * s.intermediate_size) + d * s.vocab_size
+    return 4.0 * matrices + 12.0 * s.num_layers * q * seq_len
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:

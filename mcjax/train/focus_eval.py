@@ -31,7 +31,6 @@ import numpy as np
 
 from mcjax.data.tasks import TASKS
 from mcjax.megacontext import losses as L
-from mcjax.model.gpt import GPT
 from mcjax.model.xent import softcap_logits
 from mcjax.train.mc_step import MCForward, policy_params
 
@@ -57,7 +56,7 @@ def make_focus_probe(model, cfg):
         nll, hidden = fw.entry_nll(params, wc, tok)
         n = wc.valid.sum(-1)
         idx = n[:, None] - a_max + jnp.arange(a_max)  # the last a_max entries: raw tail tokens
-        head = fw.gpt.apply({"params": params["gpt"]}, method=GPT.head)
+        head = fw.gpt.apply({"params": params["gpt"]}, method="head")
         logits = softcap_logits(jnp.take_along_axis(hidden, idx[..., None], axis=1), head, fw.gpt.softcap)
         want = jnp.take_along_axis(tok, jnp.take_along_axis(wc.target, idx, axis=1), axis=1)
         in_answer = jnp.arange(a_max) >= a_max - ans[:, None]

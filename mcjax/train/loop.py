@@ -29,7 +29,7 @@ from mcjax.telemetry import Telemetry
 from mcjax.telemetry.plots import plot_run
 from mcjax.telemetry.progress import Progress
 from mcjax.train import distributed
-from mcjax.train.flops import flops_per_token, mfu, peak_flops
+from mcjax.train.flops import config_flops_per_token, mfu, peak_flops
 from mcjax.train.memory import device_memory
 from mcjax.train.sharding import batch_sharding, global_batch, replicated
 from mcjax.train.mc_runner import MCRunner
@@ -123,7 +123,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
         step_fn = jit_train_step(make_train_step(model, tx, cfg), shardings, train_sh, mesh)
         eval_fn = jax.jit(
             make_eval_step(model, cfg),
-            in_shardings=(shardings.params, eval_sh, replicated(mesh)),
+            in_shardings=(shardings.model_params(), eval_sh, replicated(mesh)),
             out_shardings=replicated(mesh),
         )
 
@@ -154,15 +154,17 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
 
     # ---------------------------------------------------------------- telemetry
     total = cfg.total_steps
-    fpt = flops_per_token(cfg.base_model.depth, cfg.model_dim, cfg.dataset.vocab_size, T)
+    fpt = config_flops_per_token(cfg, T)
     peak = peak_flops()
     telemetry = Telemetry(cfg, run_dir, resume_step=start if latest is not None else None, is_main=is_main)
     if is_main:  # the run carries its tokenizer: generate and infer read it from here
         shutil.copyfile(tokenizer_path(cfg), run_dir / TOKENIZER)
     progress = Progress(total, initial=start, enabled=is_main and cfg.telemetry.progress)
     n_params = param_count(state.params)
+    n_frozen = param_count(state.frozen)
+    frozen_note = f" trainable + {n_frozen / 1e6:.2f}M frozen (the base)" if n_frozen else ""
     log(
-        f"run '{cfg.run}': {n_params / 1e6:.2f}M params, {jax.device_count()} device(s) "
+        f"run '{cfg.run}': {n_params / 1e6:.2f}M params{frozen_note}, {jax.device_count()} device(s) "
         f"{dict(mesh.shape)}, {total} steps × {cfg.tokens_per_step} tokens, "
         f"{accum} micro-step(s), {fpt / 1e6:.1f} MFLOP/token"
     )
@@ -181,7 +183,8 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
 
     def save(step: int) -> None:
         guard.check()  # state `step` is known finite before it is saved (nan_guard.py)
-        ckpt.save(step, state, data.get_state(), {"step": step, "tokens": step * tps, "config": cfg.to_dict()})
+        meta = {"step": step, "tokens": step * tps, "config": cfg.to_dict(), "base": parts.base_ref}
+        ckpt.save(step, state.without_frozen(), data.get_state(), meta)
         guard.saved(step)
 
     rates: list[float] = []
@@ -234,7 +237,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
                 dump(done)
             if crossed(tokens - tps, tokens, t.eval_every_tokens) and done != total:
                 guard.check()
-                val = evaluate(state.params)
+                val = evaluate(state.model_params())
                 telemetry.log(done, val)
                 progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 last["time"] = time.perf_counter()  # keep evaluation out of tok/s
@@ -244,7 +247,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
             save(total)
         if mc_on and start < total:
             dump(total)
-        val = evaluate(state.params)
+        val = evaluate(state.model_params())
         telemetry.log(total, val)
     except BaseException:
         telemetry.close()  # flush the sinks before the error (e.g. NonFiniteError) leaves

@@ -42,7 +42,7 @@ from mcjax.megacontext import losses as L
 from mcjax.megacontext.layout import entry_count, render
 from mcjax.model.megacontext import MegaContextModel
 from mcjax.telemetry.deltas import label_table, write_labels
-from mcjax.train.flops import flops_per_token
+from mcjax.train.flops import config_flops_per_token
 from mcjax.train.focus_eval import focus_metrics, make_focus_probe, row_sums
 from mcjax.train.mc_step import MCForward, jit_mc_train_step, make_mc_eval_step, make_mc_probe, make_mc_train_step
 from mcjax.train.sharding import batch_sharding, global_batch, replicated
@@ -92,18 +92,17 @@ class MCRunner:
         self.step_fn = jit_mc_train_step(make_mc_train_step(model, tx, cfg), shardings, sh1, sh1, mesh)
         rep = replicated(mesh)
         self.eval_fn = jax.jit(
-            make_mc_eval_step(model, cfg), in_shardings=(shardings.params, sh0, sh0, rep), out_shardings=rep, static_argnums=4
+            make_mc_eval_step(model, cfg), in_shardings=(shardings.model_params(), sh0, sh0, rep), out_shardings=rep, static_argnums=4
         )
         self.probe_fn = jax.jit(
-            make_mc_probe(model, cfg), in_shardings=(shardings.params, shardings.stats, sh0, sh0), out_shardings=rep, static_argnums=4
+            make_mc_probe(model, cfg), in_shardings=(shardings.model_params(), shardings.stats, sh0, sh0), out_shardings=rep, static_argnums=4
         )
         if self.focus:
             self.focus_fn = jax.jit(
-                make_focus_probe(model, cfg), in_shardings=(shardings.params, sh0, sh0, sh0), out_shardings=rep, static_argnums=4
+                make_focus_probe(model, cfg), in_shardings=(shardings.model_params(), sh0, sh0, sh0), out_shardings=rep, static_argnums=4
             )
         self._val_tasks: tuple[np.ndarray, np.ndarray] | None = None  # (task, answer_tokens) per val row
-        d, m = cfg.dataset, cfg.base_model
-        self._fpt = lambda seq: flops_per_token(m.depth, cfg.model_dim, d.vocab_size, seq)
+        self._fpt = lambda seq: config_flops_per_token(cfg, seq)
         self.last: Batch | None = None
 
     # ------------------------------------------------------------------ training
@@ -205,7 +204,7 @@ class MCRunner:
             return None
         tok = batch.tokens[0]
         probe = jax.device_get(self.probe_fn(
-            state.params, state.stats, global_batch(tok, self.sh0), global_batch(batch.layouts[0], self.sh0),
+            state.model_params(), state.stats, global_batch(tok, self.sh0), global_batch(batch.layouts[0], self.sh0),
             batch.variant_capacity,
         ))
         if not is_main:
@@ -231,7 +230,7 @@ class MCRunner:
         state, metrics, host = self.train_step(state, tokens, step)
         jax.block_until_ready((state, metrics))
         step_ms = (time.perf_counter() - t0) * 1e3
-        parts = self.part_times(state.params, self.last)
+        parts = self.part_times(state.model_params(), self.last)
         host.update({f"mc/{k}": v for k, v in parts.items()})
         host["mc/step_ms"] = step_ms
         host["mc/other_ms"] = step_ms - sum(parts.values())

@@ -41,9 +41,9 @@ from mcjax.megacontext import losses as L
 from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed, refocus
 from mcjax.megacontext.layout import WorkingContext, assemble
 from mcjax.megacontext.tree import build_tree
-from mcjax.model.gpt import GPT
 from mcjax.model.megacontext import MegaContextModel
 from mcjax.model.xent import softcap_logits, token_nll
+from mcjax.train.frozen import merge
 from mcjax.train.optim import lr_multiplier
 from mcjax.train.state import TrainState
 from mcjax.train.step import FINITE, finite_flag
@@ -83,8 +83,10 @@ def policy_params(cfg, *, explore: bool) -> AllocatorParams:
 class MCForward:
     """The device-side pieces of a MegaContext step for one config (pure functions of params)."""
 
-    def __init__(self, model: MegaContextModel, cfg):
+    def __init__(self, model: MegaContextModel, cfg, *, train: bool = False):
         self.gpt, self.gist, self.lens = model.gpt, model.gistnet, model.lensnet
+        # LoRA dropout of a pretrained base, in the train step only
+        self.dropout = train and cfg.pretrained and cfg.lora.rank > 0 and cfg.lora.dropout > 0
         self.cfg = cfg
         self.k = cfg.dataset.block_size
         self.horizon = cfg.dataset.horizon
@@ -98,7 +100,7 @@ class MCForward:
 
     def embed(self, params, tokens):
         """tokens int [B, T+1] -> the GPT's embeddings of the first T tokens [B, T, D]."""
-        return self.gpt.apply({"params": params["gpt"]}, tokens[:, :-1], method=GPT.embed)
+        return self.gpt.apply({"params": params["gpt"]}, tokens[:, :-1], method="embed")
 
     def tree(self, params, tokens):
         """tokens int [B, T+1] -> the LOD tree of the first T tokens."""
@@ -115,16 +117,19 @@ class MCForward:
         per_seq = jax.vmap(one, in_axes=(0, None, None, None))
         return _flat(jax.vmap(per_seq)(layouts, tree.lod0, tree.lod1, tree.lod2))
 
-    def entry_nll(self, params, wc: WorkingContext, tokens):
-        """GPT on WCs [R, W]; tokens int [R, T+1]. -> (nll f32 [R, W] (0 on padding), hidden [R, W, D])."""
+    def entry_nll(self, params, wc: WorkingContext, tokens, key=None):
+        """GPT on WCs [R, W]; tokens int [R, T+1]; key: LoRA dropout (with `self.dropout`).
+        -> (nll f32 [R, W] (0 on padding), hidden [R, W, D])."""
         m = self.cfg.base_model
+        extra = {"dropout_key": key} if self.dropout and key is not None else {}
         hidden = self.gpt.apply(
             {"params": params["gpt"]},
             embeddings=wc.emb,
             positions=wc.pos,
             spans=wc.span if self.gaussian else None,
+            **extra,
         )
-        head = self.gpt.apply({"params": params["gpt"]}, method=GPT.head)
+        head = self.gpt.apply({"params": params["gpt"]}, method="head")
         targets = jnp.take_along_axis(tokens, wc.target, axis=1)
         r, w, d = hidden.shape
         nll = token_nll(
@@ -173,7 +178,7 @@ class MCForward:
         n = wc.valid.sum(-1)
         idx = n[:, None] - self.horizon + jnp.arange(self.horizon)
         h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
-        head = self.gpt.apply({"params": params["gpt"]}, method=GPT.head)
+        head = self.gpt.apply({"params": params["gpt"]}, method="head")
         return jax.nn.log_softmax(softcap_logits(h, head, self.gpt.softcap), axis=-1)
 
 
@@ -205,7 +210,7 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
         metrics["mc/policy_changed"] = (chosen != start[:, None]).any(-1).mean(dtype=jnp.float32)
 
     base = fw.assemble(tree, layouts[:, :1], fw.capacity)  # [B, W]
-    nll_b, hid_b = fw.entry_nll(params, base, tokens)
+    nll_b, hid_b = fw.entry_nll(params, base, tokens, jax.random.fold_in(key, 1))
     hor_b = (nll_b * L.horizon_mask(base, t, fw.horizon)).sum(-1) / fw.horizon  # [B]
     wc_means = [_per_wc_mean(nll_b, base.valid)]
     s_b = fw.scores(params, base)
@@ -218,7 +223,7 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
     if n:
         var = fw.assemble(tree, layouts[:, 1:], variant_capacity)  # [B·N, W_v]
         tok_v = jnp.repeat(tokens, n, axis=0)
-        nll_v, hid_v = fw.entry_nll(params, var, tok_v)
+        nll_v, hid_v = fw.entry_nll(params, var, tok_v, jax.random.fold_in(key, 2))
         hor_v = ((nll_v * L.horizon_mask(var, t, fw.horizon)).sum(-1) / fw.horizon).reshape(b, n)
         delta = hor_v - jax.lax.stop_gradient(hor_b)[:, None]  # ΔNLL [B, N]
         wc_means.append(_per_wc_mean(nll_v, var.valid))
@@ -304,14 +309,14 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
 
     Pure; `jit_mc_train_step` jits it with variant_capacity static.
     """
-    fw = MCForward(model, cfg)
+    fw = MCForward(model, cfg, train=True)
     t, mc = cfg.training, cfg.megacontext
     total = cfg.total_steps
 
     def train_step(state: TrainState, tokens, layouts, variant_capacity: int):
         moments = L.ema_moments(state.stats["delta_ema"], mc.advantage_ema)
-        grad_fn = jax.value_and_grad(
-            lambda p, tok, lay, key: mc_loss(fw, p, tok, lay, moments, variant_capacity, key), has_aux=True
+        grad_fn = jax.value_and_grad(  # w.r.t. the trainable params; a pretrained base's own weights are frozen
+            lambda p, tok, lay, key: mc_loss(fw, merge(p, state.frozen), tok, lay, moments, variant_capacity, key), has_aux=True
         )
         keys = jax.random.split(jax.random.fold_in(jax.random.key(t.seed), state.step), tokens.shape[0])
 
@@ -332,14 +337,14 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
         if delta.size:
             stats["delta_ema"] = L.ema_update(state.stats["delta_ema"], delta.reshape(-1), mc.advantage_ema)
         grad_norms = {f"mc/grad_norm/{k}": optax.tree.norm(g) for k, g in grads.items()}
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
         metrics = {
             **metrics,
             **grad_norms,
             "train/grad_norm": optax.tree.norm(grads),
             "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
         }
-        metrics[FINITE] = finite_flag(metrics["train/loss"], metrics["train/grad_norm"], new)
+        metrics[FINITE] = finite_flag(metrics["train/loss"], metrics["train/grad_norm"], new.without_frozen())
         return new, metrics
 
     return train_step

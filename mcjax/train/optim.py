@@ -3,7 +3,8 @@
 GPT matrices learn with Muon; the embedding and the head with AdamW, their learning
 rates scaled by (model_dim / 768)^-½ as in nanochat. In MegaContext training the
 GistNet and LensNet params (the "gistnet" and "lensnet" sub-trees) learn with AdamW at
-`controller_lr`. Every group follows one schedule:
+`controller_lr`; a pretrained base's LoRA adapters (its only trainable params, train/frozen.py)
+with AdamW at `lora.lr`. Every group follows one schedule:
 linear warmup, constant, then a linear warmdown to `final_lr_frac`. The global
 gradient norm is clipped first (when `grad_clip` > 0).
 """
@@ -35,6 +36,8 @@ def param_group(*keys: str) -> str:
     if keys[0] in ("gistnet", "lensnet"):
         return "controller"
     top = keys[1] if keys[0] == "gpt" and len(keys) > 1 else keys[0]
+    if top == "lora":
+        return "lora"
     if top == "wte":
         return "embedding"
     if top == "lm_head":
@@ -70,6 +73,7 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
         "controller": optax.adamw(
             schedule(t.controller_lr), b1=0.9, b2=0.95, eps=1e-8, weight_decay=t.weight_decay
         ),
+        "lora": optax.adamw(schedule(cfg.lora.lr), b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
     }
 
     def labels(params):

@@ -9,6 +9,7 @@ so a checkpoint always comes back the same way, with the same errors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -20,8 +21,9 @@ from jax.sharding import Mesh
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import Config
 from mcjax.errors import UserError
-from mcjax.model.gpt import build_gpt
+from mcjax.model.base import build_base
 from mcjax.model.megacontext import build_megacontext
+from mcjax.train import frozen
 from mcjax.train.mc_step import initial_stats
 from mcjax.train.optim import build_optimizer
 from mcjax.train.sharding import make_mesh
@@ -40,29 +42,63 @@ class Parts:
     sample: jnp.ndarray  # int32 [1, T]: the shape the model is initialised on
     stats: Callable[[], dict] | None
 
+    def split(self, params):
+        return frozen.split(params, self.cfg)
+
+    @functools.cached_property
+    def base_ref(self) -> dict | None:
+        """The pretrained base's {"path", "sha256"} that checkpoints keep (None for the GPT)."""
+        return frozen.base_reference(self.cfg)
+
+    def load_frozen(self) -> dict:
+        """The pretrained base's weights into their shardings ({} for the GPT)."""
+        return frozen.load_frozen(self.cfg, self.shardings.frozen)
+
     def fresh(self) -> TrainState:
-        """A new state from `training.seed`, created directly in its shardings."""
-        return create_state(self.model, self.tx, self.shardings, self.cfg.training.seed, self.sample, self.stats)
+        """A new state from `training.seed`, created directly in its shardings; a pretrained
+        base's weights loaded beside it, and GistNet's gist scale set to their embedding RMS."""
+        state = create_state(self.model, self.tx, self.shardings, self.cfg.training.seed, self.sample, self.stats, self.split)
+        if not self.cfg.pretrained:
+            return state
+        state = state.replace(frozen=self.load_frozen())
+        if "gistnet" in state.params:
+            scale = frozen.embedding_rms(state.frozen, self.cfg)
+            gist = dict(state.params["gistnet"], scale=jax.device_put(scale, self.shardings.params["gistnet"]["scale"]))
+            state = state.replace(params=dict(state.params, gistnet=gist))
+        return state
 
     def restore(self, ckpt: Checkpointer, step: int) -> tuple[TrainState, dict, dict]:
-        """(state, data-iterator state, meta) of checkpoint `step`, onto this mesh.
+        """(state, data-iterator state, meta) of checkpoint `step`, onto this mesh (with the
+        pretrained base's weights loaded from base_model.path).
 
         UserError naming the first param whose shape differs when the checkpoint was written
-        by another model (a changed config), instead of orbax's traceback.
+        by another model (a changed config), instead of orbax's traceback; UserError when the
+        checkpoint was trained on another pretrained base (its content hash differs).
         """
-        target = abstract_state(self.model, self.tx, self.shardings, self.sample, self.stats)
+        target = abstract_state(self.model, self.tx, self.shardings, self.sample, self.stats, self.split)
         _check_shapes(ckpt, step, target.params, self.cfg)
-        return ckpt.restore(target, step)
+        state, data, meta = ckpt.restore(target, step)
+        saved = meta.get("base")
+        if self.cfg.pretrained:
+            if not saved or saved.get("sha256") != self.base_ref["sha256"]:
+                was = f"{saved['path']} (sha256 {saved['sha256'][:12]}…)" if saved else "no pretrained base"
+                raise UserError(
+                    f"{ckpt.directory}/{step}: trained on {was}, but base_model.path {self.base_ref['path']} "
+                    f"has sha256 {self.base_ref['sha256'][:12]}… (another base model; point base_model.path at the one it was trained on)"
+                )
+            state = state.replace(frozen=self.load_frozen())
+        return state, data, meta
 
 
 def build_parts(cfg: Config) -> Parts:
     mesh = make_mesh(cfg)
     mc_on = cfg.megacontext.enabled
-    model = build_megacontext(cfg) if mc_on else build_gpt(cfg)
+    model = build_megacontext(cfg) if mc_on else build_base(cfg)
     tx = build_optimizer(cfg)
     stats = initial_stats if mc_on else None
     sample = jnp.zeros((1, cfg.dataset.context_tokens), jnp.int32)
-    return Parts(cfg, mesh, model, tx, state_shardings(model, tx, mesh, sample, stats), sample, stats)
+    split = functools.partial(frozen.split, cfg=cfg)
+    return Parts(cfg, mesh, model, tx, state_shardings(model, tx, mesh, sample, stats, split), sample, stats)
 
 
 def _check_shapes(ckpt: Checkpointer, step: int, params, cfg: Config) -> None:

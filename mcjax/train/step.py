@@ -15,6 +15,7 @@ import optax
 
 from mcjax.model.gpt import GPT
 from mcjax.model.xent import token_nll
+from mcjax.train.frozen import merge
 from mcjax.train.optim import lr_multiplier
 from mcjax.train.state import TrainState
 
@@ -34,11 +35,13 @@ def finite_flag(loss: jnp.ndarray, grad_norm: jnp.ndarray, new_state: TrainState
     return jnp.stack(ok).all()
 
 
-def sequence_nll(model: GPT, params, tokens: jnp.ndarray, *, chunk_tokens: int, mode: str) -> jnp.ndarray:
-    """Next-token NLL of every position. tokens int [B, T+1] -> f32 [B, T]."""
+def sequence_nll(model: GPT, params, tokens: jnp.ndarray, *, chunk_tokens: int, mode: str, dropout_key=None) -> jnp.ndarray:
+    """Next-token NLL of every position. tokens int [B, T+1] -> f32 [B, T]. dropout_key: LoRA
+    dropout of a pretrained base (training only)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    hidden = model.apply({"params": params}, inputs)
-    head = model.apply({"params": params}, method=GPT.head)
+    extra = {} if dropout_key is None else {"dropout_key": dropout_key}
+    hidden = model.apply({"params": params}, inputs, **extra)
+    head = model.apply({"params": params}, method="head")
     b, t, d = hidden.shape
     nll = token_nll(
         hidden.reshape(b * t, d), head, targets.reshape(-1), softcap=model.softcap, chunk_tokens=chunk_tokens, mode=mode
@@ -51,30 +54,38 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, cfg):
     m, t = cfg.base_model, cfg.training
     total = cfg.total_steps
 
-    def loss_fn(params, tokens):
-        return sequence_nll(model, params, tokens, chunk_tokens=m.loss_chunk_tokens, mode=m.loss_impl).mean()
+    dropout = cfg.pretrained and cfg.lora.rank > 0 and cfg.lora.dropout > 0
 
     def train_step(state: TrainState, batch: jnp.ndarray):
-        def micro(acc, tokens):
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens)
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(t.seed), state.step), batch.shape[0])
+
+        def loss_fn(params, tokens, key):  # gradients w.r.t. the trainable params only
+            full = merge(params, state.frozen)
+            nll = sequence_nll(
+                model, full, tokens, chunk_tokens=m.loss_chunk_tokens, mode=m.loss_impl, dropout_key=key if dropout else None
+            )
+            return nll.mean()
+
+        def micro(acc, xs):
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, *xs)
             return jax.tree.map(jnp.add, acc, grads), loss
 
         if batch.shape[0] == 1:  # no accumulation: no zero-filled buffers, no loop
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch[0])
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch[0], keys[0])
             losses = loss[None]
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, losses = jax.lax.scan(micro, zeros, batch)
+            grads, losses = jax.lax.scan(micro, zeros, (batch, keys))
             grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=state.stats)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "train/loss": losses.mean(),
             "train/grad_norm": optax.tree.norm(grads),
             "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
         }
-        metrics[FINITE] = finite_flag(metrics["train/loss"], metrics["train/grad_norm"], new)
+        metrics[FINITE] = finite_flag(metrics["train/loss"], metrics["train/grad_norm"], new.without_frozen())
         return new, metrics
 
     return train_step
