@@ -45,7 +45,7 @@ from mcjax.train.setup import build_parts
 
 def fake_run(cfg, lens: str) -> LoadedRun:
     parts = build_parts(cfg)
-    params = parts.fresh().params
+    params = parts.fresh().model_params()
     if lens == "random":
         w = params["lensnet"]["w_out"]
         params["lensnet"]["w_out"] = 2.0 * jax.random.normal(jax.random.key(1), w.shape) / w.shape[0] ** 0.5

@@ -228,6 +228,18 @@ def test_config_takes_the_shape_from_config_json(checkpoints, tmp_path):
         config_from_dict(_pretrained_cfg(tmp_path, directory, lora={"rank": 0}, megacontext={"enabled": False}))
 
 
+@pytest.mark.parametrize("name", ["smollm2_360m_mc", "llama32_1b_mc", "qwen25_05b_mc", "smollm3_3b_mc", "tiny_llama_mc_cpu"])
+def test_shipped_pretrained_configs(checkpoints, name):
+    from mcjax.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    with pytest.raises(ConfigError, match=r"base_model.path: .* is not a directory"):
+        load_config(path)
+    family = {"qwen25_05b_mc": "qwen2", "smollm3_3b_mc": "smollm3"}.get(name, "llama")
+    cfg = load_config(path, [f"base_model.path={checkpoints[family][0]}", "gistnet.width=32"])
+    assert cfg.pretrained and cfg.model_dim == 64 and cfg.megacontext.enabled and cfg.lora.rank > 0
+
+
 def test_tokenizer_start_token_of_a_pretrained_tokenizer(tmp_path):
     import tokenizers
     from tokenizers import models, pre_tokenizers
@@ -289,16 +301,26 @@ def test_checkpoint_references_the_base_instead_of_copying_it(trained, checkpoin
     assert meta["base"] == {"path": str(checkpoints["llama"][0].absolute()), "sha256": content_hash(checkpoints["llama"][0])}
 
 
-def test_resume_on_another_base_is_one_clear_error(trained, tmp_path):
+def test_resume_on_the_same_base_then_on_another_one(trained, tmp_path):
+    from mcjax.restore import load_run
     from mcjax.train.loop import train
 
     root, raw, _ = trained
+    before = load_run(root / "artifacts/runs/tiny").params
+    raw = json.loads(json.dumps(raw))
+    raw["training"]["max_steps"] = 4
+    logs = []
+    train(config_from_dict(raw), resume=True, log=logs.append)
+    assert any("resumed 'tiny' from step 3" in str(line) for line in logs)
+    after = load_run(root / "artifacts/runs/tiny").params
+    assert not np.array_equal(np.asarray(before["gpt"]["lora"]["v_b"]), np.asarray(after["gpt"]["lora"]["v_b"]))
+    np.testing.assert_array_equal(np.asarray(before["gpt"]["blocks"]["v"]), np.asarray(after["gpt"]["blocks"]["v"]))
+
     other = tmp_path / "other"
     write_checkpoint(other, "llama", seed=1, texts=["To be, or not to be, that is the question. " * 40])
-    raw = json.loads(json.dumps(raw))
     raw["base_model"]["path"] = str(other)
-    raw["training"]["max_steps"] = 4
-    with pytest.raises(UserError, match=r"checkpoints/tiny/3: trained on .*/llama \(sha256 [0-9a-f]{12}…\), but base_model.path .*/other has sha256"):
+    raw["training"]["max_steps"] = 5
+    with pytest.raises(UserError, match=r"checkpoints/tiny/4: trained on .*/llama \(sha256 [0-9a-f]{12}…\), but base_model.path .*/other has sha256"):
         train(config_from_dict(raw), resume=True, log=lambda *_: None)
 
 
