@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MegaContext on frozen pretrained bases with LoRA (bench/RESULTS.md "Pretrained bases"):
-# random weights of SmolLM2-360M's and Llama-3.2-1B's shapes (bench/random_base.py), the
-# plain LoRA step beside the MegaContext step, at T = 2,048 and T = 8,192 with W_max 2,048.
+# random weights of SmolLM2-360M's, Llama-3.2-1B's (and with BASES=smollm3-3b SmolLM3-3B's)
+# shapes (bench/random_base.py), the plain LoRA step beside the MegaContext step, at
+# T = 2,048 and T = 8,192 with W_max 2,048.
 #   bash bench/pretrained_h200.sh          # on the device; results in $OUT (or /tmp/out)
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -19,6 +20,10 @@ run() {  # config base T batch variant-length
 case " $BASES " in *" smollm2-360m "*)
   run smollm2_360m_mc smollm2-360m 2048 8 0.2
   run smollm2_360m_mc smollm2-360m 8192 2 0.125 ;;
+esac
+case " $BASES " in *" smollm3-3b "*)
+  run smollm3_3b_mc smollm3-3b 2048 8 0.2
+  run smollm3_3b_mc smollm3-3b 8192 2 0.125 ;;
 esac
 case " $BASES " in *" llama3.2-1b "*)
   run llama32_1b_mc llama3.2-1b 2048 8 0.2

@@ -3,6 +3,7 @@ layout (config.json + model.safetensors, bf16), for benchmarks where no download
 
     python bench/random_base.py smollm2-360m /tmp/smollm2-360m
     python bench/random_base.py llama3.2-1b /tmp/llama3.2-1b
+    python bench/random_base.py smollm3-3b /tmp/smollm3-3b
 
 Weights are N(0, 0.02) (norm weights 1), so speed and memory are those of the real model;
 the text it would write is noise. No torch needed: the safetensors file is written directly.
@@ -26,6 +27,10 @@ SHAPES = {  # the public config.json values of these models
                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072,
                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "smollm3-3b": dict(model_type="smollm3", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=4, head_dim=128, vocab_size=128256,
+                       rms_norm_eps=1e-6, rope_theta=5000000.0, tie_word_embeddings=True, max_position_embeddings=65536,
+                       no_rope_layers=[int((i + 1) % 4 != 0) for i in range(36)], no_rope_layer_interval=4),
 }
 
 
@@ -45,7 +50,8 @@ def tensors(c: dict):
 
 
 def write(kind: str, out: Path) -> None:
-    c = dict(SHAPES[kind], hidden_act="silu", architectures=["LlamaForCausalLM"])
+    arch = "SmolLM3ForCausalLM" if SHAPES[kind]["model_type"] == "smollm3" else "LlamaForCausalLM"
+    c = dict(SHAPES[kind], hidden_act="silu", architectures=[arch])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(c, indent=1))
     rng = np.random.default_rng(0)

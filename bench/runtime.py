@@ -20,7 +20,9 @@ LensNet: "zero" is a fresh one (scores 0: only the budget's forced collapses mov
 "random" draws its output layer so scores spread over (−1, 1): edits anywhere, every
 refocus — the worst case for cache rebuilds.
 --memory N: one stream of N tokens (MC engine, runtime.max_tokens ≥ N): ingest speed at
-that length and the device's peak memory, beside the engine state's and params' bytes.
+that length and the device's peak memory, beside the engine state's and params' bytes. The
+peak is the process's: with decode benchmarks before it, theirs too (`--engines` with no
+names runs only this).
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=24, help="timed decode blocks of R tokens per measurement")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--lens", nargs="+", default=["zero"], choices=["zero", "random"])
-    p.add_argument("--engines", nargs="+", default=["mc", "plain"], choices=["mc", "plain"])
+    p.add_argument("--engines", nargs="*", default=["mc", "plain"], choices=["mc", "plain"],
+                   help="decode benchmarks to run (none: only --memory)")
     p.add_argument("--memory", type=int, default=0, help="also measure one stream of this many tokens")
     p.add_argument("--json", default="", help="append every result here (JSON lines)")
     p.add_argument("--profile", default="", help="also trace 3 decode blocks per measurement into this folder")
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
                 res = {"lens": lens if kind == "mc" else "-", **measure(run, kind, batch, args.history, args.blocks, args.profile)}
                 results.append(res)
                 print(json.dumps(res), flush=True)
+        del run  # its params: the memory figure below holds one engine's
     if args.memory:
         res = memory(fake_run(cfg, args.lens[0]), args.memory)
         results.append(res)
