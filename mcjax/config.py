@@ -67,7 +67,7 @@ class BaseModelConfig:
     softcap: float = 15.0
     rope_base: float = 10000.0
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
-    attention: Literal["auto", "cudnn", "xla"] = "auto"  # auto: cudnn on GPU, xla elsewhere
+    attention: Literal["auto", "cudnn", "splash", "xla"] = "auto"  # auto: cudnn on GPU, splash on TPU (head_dim % 128 = 0), else xla
     remat: Literal["none", "full", "save_dots"] = "none"
     loss_chunk_tokens: int = 0  # head + cross-entropy in chunks of this many tokens; 0 = one chunk
     loss_impl: Literal["fused", "recompute"] = "fused"  # see mcjax/model/xent.py
@@ -211,10 +211,17 @@ class TrainingConfig:
         return self.batch_size // (self.micro_batch_size or self.batch_size)
 
 
+MeshAxis = int | Literal["auto"]
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1 = all devices left over by the other axes
-    fsdp: int = 1
+    """Devices per mesh axis: a count, -1 (every device the other axes leave), or auto (data
+    and fsdp): on TPU fsdp takes a slice's chips and data the slices; on GPU and CPU data
+    takes every device (mesh_shape; the backend as mcjax/backend.py decides)."""
+
+    data: MeshAxis = "auto"
+    fsdp: MeshAxis = "auto"
     tensor: int = 1
 
 
@@ -424,8 +431,15 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(inner, value, key, where)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        for option in inner:  # the first that takes the value
+            try:
+                return _convert(option, value, key, where)
+            except ConfigError:
+                if len(inner) == 1:
+                    raise
+        wanted = " or ".join(_describe(a) for a in inner)
+        raise ConfigError(f"{where}: {key}: expected {wanted}, got {_show(value)}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key}: expected true or false, got {_show(value)}")
@@ -441,6 +455,13 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key}: expected a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file, not input
+
+
+def _describe(tp: Any) -> str:
+    """What a value of a simple config type looks like, for error messages."""
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
 def _to_float(value: Any, key: str, where: str) -> float:
@@ -564,8 +585,8 @@ def validate(cfg: Config) -> None:
 
     for key in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, key)
-        if v == 0 or v < -1:
-            fail(f"mesh.{key}", f"must be ≥ 1 or -1 (fill), got {v}")
+        if v != "auto" and (v == 0 or v < -1):
+            fail(f"mesh.{key}", f"must be ≥ 1, -1 (fill) or auto, got {v}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         fail("mesh", "at most one axis may be -1")
     if cfg.checkpoint.keep < 1:
@@ -787,9 +808,27 @@ def _validate_mc_training(cfg: Config, fail) -> None:
         fail("megacontext.dump_every_tokens", "dump_every_tokens and profile_every_tokens must be ≥ 0")
 
 
-def mesh_shape(cfg: Config, num_devices: int) -> dict[str, int]:
-    """Resolve the mesh axes against the devices present; ConfigError if they don't divide."""
+def mesh_axes(cfg: Config, backend: str, slices: int = 1) -> dict[str, int]:
+    """The mesh axes with `auto` resolved for `backend` (MeshConfig), counts or -1 (fill).
+
+    TPU: fsdp fills the devices (ICI within a slice) and data is the number of slices (DCN);
+    GPU and CPU: data fills and fsdp is 1. An auto axis that would fill takes 1 instead where
+    another axis is -1; where the other of data and fsdp is set, the auto one fills."""
     axes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    auto = [k for k in ("data", "fsdp") if axes[k] == "auto"]
+    filler = ("fsdp" if "fsdp" in auto else "data") if backend == "tpu" else ("data" if "data" in auto else "fsdp")
+    explicit_fill = -1 in axes.values()
+    for k in auto:
+        if k == filler and not explicit_fill:
+            axes[k] = -1
+        else:
+            axes[k] = slices if k == "data" and backend == "tpu" else 1
+    return axes
+
+
+def mesh_shape(cfg: Config, num_devices: int, backend: str = "cpu", slices: int = 1) -> dict[str, int]:
+    """Resolve the mesh axes against the devices present; ConfigError if they don't divide."""
+    axes = mesh_axes(cfg, backend, slices)
     fixed = math.prod(v for v in axes.values() if v != -1)
     if num_devices % fixed:
         raise ConfigError(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcjax.model.gpt import GPT, resolve
+from mcjax.model.gpt import GPT
 from mcjax.model.rope import apply_rope, rope_angles
 from mcjax.model.xent import softcap_logits, token_nll
 from mcjax.train.flops import flops_per_token, mfu
@@ -156,14 +156,6 @@ def test_flops_and_mfu():
     assert flops_per_token(12, 768, 65536, 2048) == 6 * (12 * 12 * 768**2 + 768 * 65536) + 12 * 12 * 768 * 2048
     assert mfu(1000.0, 1e9, 2, 1e12) == pytest.approx(0.5)
     assert math.isnan(mfu(1000.0, 1e9, 1, None))
-
-
-def test_resolve_backend_choices():
-    assert resolve("auto", "auto", "cpu").dtype == jnp.float32
-    r = resolve("auto", "auto", "gpu")
-    assert r.dtype == jnp.bfloat16 and r.attention == "cudnn"
-    assert resolve("float32", "auto", "gpu").attention == "xla"
-    assert resolve("auto", "auto", "tpu").attention == "xla"
 
 
 def test_gaussian_rope_is_plain_rope_for_single_tokens():

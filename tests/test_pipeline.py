@@ -13,7 +13,7 @@ import pytest
 
 from mcjax.config import config_from_dict
 from mcjax.data import prep
-from mcjax.data.pipeline import ArrowSequences, eval_batches, train_iterator
+from mcjax.data.pipeline import ArrowSequences, TrainIterator, eval_batches
 from mcjax.errors import DataError
 
 T = 8
@@ -68,50 +68,85 @@ def test_source_errors_name_the_path_and_prep(tmp_path):
 
 
 def test_batches_shape_dtype(arrow):
-    it = train_iterator(arrow, batch_size=6, seed=0)
+    it = TrainIterator(arrow, batch_size=6, seed=0)
     b = next(it)
     assert b.shape == (6, T + 1) and b.dtype == np.int32
     np.testing.assert_array_equal(b[:, 1:] - b[:, :-1], 1)  # whole rows, not mixed
 
 
 def test_each_epoch_is_a_new_permutation(arrow):
-    it = train_iterator(arrow, batch_size=10, seed=3)
+    it = TrainIterator(arrow, batch_size=10, seed=3)
     seen = [i for b in take(it, 3 * N // 10) for i in ids(b)]
     epochs = [seen[k * N:(k + 1) * N] for k in range(3)]
     for e in epochs:
         assert sorted(e) == list(range(N))
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(N))
-    again = [i for b in take(train_iterator(arrow, batch_size=10, seed=3), N // 10) for i in ids(b)]
+    again = [i for b in take(TrainIterator(arrow, batch_size=10, seed=3), N // 10) for i in ids(b)]
     assert again == epochs[0]
-    other = [i for b in take(train_iterator(arrow, batch_size=10, seed=4), N // 10) for i in ids(b)]
+    other = [i for b in take(TrainIterator(arrow, batch_size=10, seed=4), N // 10) for i in ids(b)]
     assert other != epochs[0]
 
 
-def test_processes_see_disjoint_shares(arrow):
-    shares = []
-    for p in range(3):
-        it = train_iterator(arrow, batch_size=8, seed=0, process_index=p, process_count=3)
-        shares.append({i for b in take(it, N // 3 // 8) for i in ids(b)})
-    assert all(len(s) == N // 3 for s in shares)
-    assert set().union(*shares) == set(range(N))
-    assert not (shares[0] & shares[1] or shares[0] & shares[2] or shares[1] & shares[2])
+def slices(path, p_count: int, batch: int, steps: int, seed: int = 0, state: dict | None = None) -> list[np.ndarray]:
+    """The global batches of `steps` steps as `p_count` processes of `batch` rows read them."""
+    its = [TrainIterator(path, batch_size=batch, seed=seed, process_index=p, process_count=p_count)
+           for p in range(p_count)]
+    for it in its:
+        if state is not None:
+            it.set_state(state)
+    return [np.concatenate([next(it) for it in its]) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("skip", [3, 10])  # process 1 has 120 rows: 10 batches of 11 = 110
+@pytest.mark.parametrize("p_count", [2, 3, 4])
+def test_process_slices_are_disjoint_and_together_the_single_process_batch(arrow, p_count):
+    steps = 25  # 24-row global batches: 2.5 epochs of 240 rows
+    single = slices(arrow, 1, 24, steps)
+    split = slices(arrow, p_count, 24 // p_count, steps)
+    for one, many in zip(single, split):
+        np.testing.assert_array_equal(one, many)
+    seen = [i for b in split for i in ids(b)]
+    assert sorted(seen[:N]) == list(range(N))  # the first epoch: every row once, none twice
+
+
+@pytest.mark.parametrize("skip", [3, 10])  # 10 × 22 rows runs past an epoch end of 240 within the 15 that follow
 def test_state_round_trips_through_json_and_resumes_exactly(arrow, skip):
-    it = train_iterator(arrow, batch_size=11, seed=1, process_index=1, process_count=2)
+    it = TrainIterator(arrow, batch_size=11, seed=1, process_index=1, process_count=2)
     take(it, skip)
     state = json.loads(json.dumps(it.get_state()))
-    expected = take(it, 15)  # runs past at least one epoch end
-    fresh = train_iterator(arrow, batch_size=11, seed=1, process_index=1, process_count=2)
+    assert state == {"rows_read": skip * 22, "seed": 1, "rows": N}
+    expected = take(it, 15)
+    fresh = TrainIterator(arrow, batch_size=11, seed=1, process_index=1, process_count=2)
     fresh.set_state(state)
     for want, got in zip(expected, take(fresh, 15)):
         np.testing.assert_array_equal(want, got)
 
 
+@pytest.mark.parametrize("before, after", [((2, 11), (1, 22)), ((1, 22), (2, 11)), ((4, 6), (3, 8))])
+def test_state_resumes_on_another_process_count(arrow, before, after):
+    """A position saved by P processes continues the same global stream read by P' processes."""
+    its = [TrainIterator(arrow, batch_size=before[1], seed=2, process_index=p, process_count=before[0])
+           for p in range(before[0])]
+    for it in its:
+        take(it, 7)
+    assert len({json.dumps(it.get_state()) for it in its}) == 1  # every process holds the same state
+    resumed = slices(arrow, *after, 12, seed=2, state=its[0].get_state())
+    reference = slices(arrow, 1, before[0] * before[1], 19, seed=2)[7:]  # one process, uninterrupted
+    np.testing.assert_array_equal(np.concatenate(resumed), np.concatenate(reference))
+
+
+@pytest.mark.parametrize("change, why", [({"seed": 5}, "seed 5"), ({"rows": 99}, "99 rows"),
+                                         ({"rows_read": None}, "older mcjax")])
+def test_state_of_another_file_or_seed_is_one_clear_error(arrow, change, why):
+    state = {"rows_read": 22, "seed": 1, "rows": N, **change}
+    if state["rows_read"] is None:
+        state = {"next_index": 2}  # grain's own iterator state, as older checkpoints held
+    with pytest.raises(DataError, match=why):
+        TrainIterator(arrow, batch_size=11, seed=1).set_state(state)
+
+
 def test_too_few_rows_for_a_batch(arrow):
-    with pytest.raises(DataError, match="batch size"):
-        train_iterator(arrow, batch_size=N + 1, seed=0)
+    with pytest.raises(DataError, match="fewer than one global batch of 242"):
+        TrainIterator(arrow, batch_size=121, seed=0, process_count=2)
 
 
 def test_eval_batches_are_the_first_rows_in_order(arrow):
@@ -159,7 +194,7 @@ def test_task_refresh_draws_new_facts_every_epoch_after_the_first(tmp_path):
 
     def iterator():
         refresh = TaskRefresh(path, tok_path, seed=0, stream=split_stream("train"))
-        return train_iterator(path, batch_size=1, seed=0, refresh=refresh)
+        return TrainIterator(path, batch_size=1, seed=0, refresh=refresh)
 
     it = iterator()
     first, second = [next(it)[0] for _ in range(n)], [next(it)[0] for _ in range(n)]

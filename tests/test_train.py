@@ -112,19 +112,24 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, prepared_data):
     assert resumed == reference  # bit-exact on CPU
 
 
-def test_two_processes_through_the_launcher(tmp_path, prepared_data):
-    """`launch/run.sh local 2 --cpu`: two processes join one 2-device mesh; only process 0 logs."""
+def _launch_local(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`launch/run.sh local n --cpu -- <args>`: n processes of one CPU device each."""
     import os
 
     from conftest import REPO
 
-    raw = _cfg(tmp_path, prepared_data, training={"max_steps": 4, "micro_batch_size": 8})
-    cfg = write_config(tmp_path / "c.yaml", raw)
     env = cli_env()
     env.pop("XLA_FLAGS")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    res = subprocess.run([str(REPO / "launch/run.sh"), "local", "2", "--cpu", "--", "train", "--config", str(cfg)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(REPO / "launch/run.sh"), "local", str(n), "--cpu", "--", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_through_the_launcher(tmp_path, prepared_data):
+    """`launch/run.sh local 2 --cpu`: two processes join one 2-device mesh; only process 0 logs."""
+    raw = _cfg(tmp_path, prepared_data, training={"max_steps": 4, "micro_batch_size": 8})
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    res = _launch_local(2, ["train", "--config", str(cfg)], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 device(s) {'data': 2" in res.stdout and res.stdout.count("report card") == 1
     assert sorted(_losses(tmp_path / "artifacts/runs/tiny")) == [1, 2, 3, 4]
@@ -155,25 +160,31 @@ def test_two_slurm_tasks_join_from_the_slurm_environment(tmp_path, prepared_data
     assert sorted(_losses(tmp_path / "artifacts/runs/tiny")) == [1, 2, 3]
 
 
-def test_resume_on_another_device_count(tmp_path, prepared_data):
-    """Elastic resume: 4 steps on a 4×2 mesh of 8 devices, then `--resume` on 1 device for
-    steps 5–8 (and 1 → 8): the same data position and parameters, so every step's loss
-    matches the uninterrupted 1-device run within the 1-vs-8 tolerance (2e-4)."""
-    meshes = {1: ["mesh.data=-1", "mesh.fsdp=1"], 8: ["mesh.data=4", "mesh.fsdp=2"]}
+def test_resume_on_another_device_or_process_count(tmp_path, prepared_data):
+    """Elastic resume: 4 steps on a 4×2 mesh of 8 devices (or on 2 processes), then `--resume`
+    on 1 device for steps 5–8, and the other way round: the same data position and parameters,
+    so every step's loss matches the uninterrupted 1-device run within the 1-vs-8 tolerance
+    (2e-4). The data stream does not depend on the process count (data/pipeline.py)."""
+    meshes = {"1 device": ["mesh.data=-1", "mesh.fsdp=1"], "8 devices": ["mesh.data=4", "mesh.fsdp=2"],
+              "2 processes": ["mesh.data=-1", "mesh.fsdp=1"]}
 
-    def run(root: Path, devices: int, steps: int, *flags: str) -> subprocess.CompletedProcess:
+    def run(root: Path, where: str, steps: int, *flags: str) -> subprocess.CompletedProcess:
         root.mkdir(exist_ok=True)
         raw = _cfg(root, prepared_data, training={"max_steps": 8, "micro_batch_size": 8, "warmdown_ratio": 0.0})
         cfg = write_config(root / "c.yaml", raw)
-        res = run_cli(["train", "--config", str(cfg), *flags, f"training.max_steps={steps}", *meshes[devices]],
-                      cwd=root, devices=devices)
+        args = ["train", "--config", str(cfg), *flags, f"training.max_steps={steps}", *meshes[where]]
+        if where == "2 processes":
+            res = _launch_local(2, args, root)
+        else:
+            res = run_cli(args, cwd=root, devices=int(where.split()[0]))
         assert res.returncode == 0, res.stderr[-2000:]
         return res
 
-    run(tmp_path / "ref", 1, 8)
+    run(tmp_path / "ref", "1 device", 8)
     reference = _losses(tmp_path / "ref/artifacts/runs/tiny")
-    for first, then in [(8, 1), (1, 8)]:
-        root = tmp_path / f"{first}to{then}"
+    for first, then in [("8 devices", "1 device"), ("1 device", "8 devices"),
+                        ("2 processes", "1 device"), ("1 device", "2 processes")]:
+        root = tmp_path / f"{first}-{then}".replace(" ", "_")
         run(root, first, 4)
         res = run(root, then, 8, "--resume")
         assert "resumed 'tiny' from step 4" in res.stdout + res.stderr

@@ -1,9 +1,10 @@
 """Input pipeline: prepared Arrow rows → batches of token ids, on grain.
 
 `ArrowSequences(path)` is a memory-mapped random-access source of `[T+1]` int32 rows.
-`train_iterator(...)` shards the rows by process, shuffles them with a new order every epoch,
-repeats forever, batches to `[B, T+1]` and prefetches in threads; its `get_state()` is a small
-JSON-able dict and `set_state()` on a fresh iterator resumes exactly.
+`TrainIterator(...)` shuffles the rows with a new order every epoch, repeats forever, cuts the
+stream into global batches and gives each process its slice `[B, T+1]`, prefetched in threads;
+its `get_state()` is a small JSON-able position in that global stream, the same on every
+process, and `set_state()` on a fresh iterator resumes exactly — with any process count.
 `eval_batches(...)` yields the first rows in order, for validation.
 `row_tasks(path)` reads the rows' task labels (prep's dataset.tasks): which rows are synthetic
 task rows, and how many of their last tokens are the answer.
@@ -13,6 +14,7 @@ epoch after the first, so a model cannot learn a row's answer by heart from its 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,39 +94,78 @@ class ArrowSequences:
         return f"ArrowSequences({self.path!r}, rows={self._num_rows}, width={self.width})"
 
 
-def train_iterator(
-    path: str | Path,
-    *,
-    batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_threads: int = 2,
-    prefetch: int = 4,
-    refresh: TaskRefresh | None = None,
-) -> grain.DatasetIterator:
-    """Endless shuffled batches `[batch_size, T+1]` int32 of this process's share of rows.
+class TrainIterator:
+    """Endless `[batch_size, T+1]` int32 batches: this process's slice of the global stream.
 
-    Process p reads rows p, p + P, p + 2P, ... (disjoint across processes). Each epoch over
-    that share is a fresh seeded permutation; batches may straddle epoch boundaries. With
-    `refresh`, a task row read in epoch e ≥ 1 is `refresh(row index, e, row)`.
+    The global stream is every row of the file in a fresh seeded permutation per epoch,
+    repeated forever, cut into global batches of batch_size × process_count rows; process p
+    gets rows [p·B, (p+1)·B) of each (B = batch_size). So the processes' slices are disjoint,
+    together they are the single-process batch, and the stream does not depend on how many
+    processes read it. Batches may straddle epoch boundaries. With `refresh`, a task row read
+    in epoch e ≥ 1 is `refresh(row index, e, row)`.
+
+    `get_state()` is the position in the global stream (rows consumed, the seed, the file's
+    row count): the same on every process, so one copy in a checkpoint resumes any process
+    count and batch split, including a run with more or fewer processes than saved it.
     """
-    source = ArrowSequences(path)
-    share = len(range(process_index, len(source), process_count))
-    if share < batch_size:
-        raise DataError(
-            f"{path}: process {process_index}/{process_count} gets {share} rows, "
-            f"fewer than the batch size {batch_size}"
-        )
-    ds = grain.MapDataset.source(source)
-    if refresh is not None:
-        ds = ds.map_with_index(lambda i, row: (i % len(source), row))  # the row's index in the file (grain reads i mod n)
-    ds = ds[process_index::process_count].shuffle(seed=seed).repeat(None)
-    if refresh is not None:
-        ds = ds.map_with_index(lambda k, item: refresh(item[0], k // share, item[1]))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return iter(ds.to_iter_dataset(options))
+
+    def __init__(self, path: str | Path, *, batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, num_threads: int = 2, prefetch: int = 4,
+                 refresh: TaskRefresh | None = None):
+        self.path, self.seed, self.refresh = str(path), seed, refresh
+        self.source = ArrowSequences(path)
+        self.batch, self.process = batch_size, process_index
+        self.global_batch = batch_size * process_count
+        if len(self.source) < self.global_batch:
+            raise DataError(
+                f"{path}: {len(self.source)} rows, fewer than one global batch of {self.global_batch} "
+                f"(batch size {batch_size} × {process_count} process(es))"
+            )
+        self._options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+        self._order = grain.MapDataset.range(len(self.source)).shuffle(seed=seed).repeat(None)
+        self._position = 0
+        self._batches = self._read_from(0)
+
+    def _row(self, g: int) -> np.ndarray:
+        """Row g of the global stream."""
+        r = int(self._order[g])
+        row = self.source[r]
+        return row if self.refresh is None else self.refresh(r, g // len(self.source), row)
+
+    def _read_from(self, position: int) -> grain.DatasetIterator:
+        first = position + self.process * self.batch
+
+        def batch(k: int) -> np.ndarray:
+            start = first + k * self.global_batch
+            return np.stack([self._row(g) for g in range(start, start + self.batch)])
+
+        return iter(grain.MapDataset.range(sys.maxsize).map(batch).to_iter_dataset(self._options))
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        out = next(self._batches)
+        self._position += self.global_batch
+        return out
+
+    def get_state(self) -> dict[str, int]:
+        return {"rows_read": self._position, "seed": self.seed, "rows": len(self.source)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (a `get_state()` of any process count); DataError if it is of
+        another file or seed."""
+        if "rows_read" not in state:
+            raise DataError(f"{self.path}: the checkpoint's data position is not a global row count "
+                            "(written by an older mcjax); start a new run")
+        if (state["rows"], state["seed"]) != (len(self.source), self.seed):
+            raise DataError(
+                f"{self.path}: the checkpoint read a file of {state['rows']} rows with seed {state['seed']}, "
+                f"this run has {len(self.source)} rows and training.seed {self.seed}; resume with the "
+                "same prepared data and seed"
+            )
+        self._position = int(state["rows_read"])
+        self._batches = self._read_from(self._position)
 
 
 def eval_batches(

@@ -26,7 +26,7 @@ def build_base(cfg: Config):
     """The GPT or the pretrained Llama that `cfg` describes, backend choices resolved."""
     if not cfg.pretrained:
         return build_gpt(cfg)
-    m, lo = cfg.base_model, cfg.lora
-    r = resolve(m.dtype, m.attention)
+    m, lo, spec = cfg.base_model, cfg.lora, llama_spec(cfg)
+    r = resolve(m.dtype, m.attention, spec.head_dim)
     lora = LoraSpec(lo.rank, lo.alpha, lo.dropout, tuple(lo.targets)) if lo.rank else None
-    return Llama(spec=llama_spec(cfg), dtype=r.dtype, attention=r.attention, remat=m.remat, lora_spec=lora)
+    return Llama(spec=spec, dtype=r.dtype, attention=r.attention, remat=m.remat, lora_spec=lora)

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcjax.backend import backend
+from mcjax.model.attention import causal_attention
 from mcjax.model.rope import apply_rope, rope_angles
 
 Dtype = Any
@@ -76,8 +78,7 @@ def _layer(x, w, cos, sin, *, head_dim: int, attention: str, remat: str, kv: boo
         attn_in = jax.checkpoint(attn_in, policy=_save_dots_policy())
         attn_out_mlp = jax.checkpoint(attn_out_mlp, policy=_save_dots_policy())
     q, k, v = attn_in(x, w["wq"], w["wk"], w["wv"], cos, sin)
-    impl = "cudnn" if attention == "cudnn" else None
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    y = causal_attention(q, k, v, attention)
     out = attn_out_mlp(x, y, w["wo"], w["w_fc"], w["w_proj"])
     return (out, k, v) if kv else out
 
@@ -136,7 +137,7 @@ class Blocks(nn.Module):
     dim: int
     head_dim: int
     dtype: Dtype
-    attention: str  # "cudnn" | "xla"
+    attention: str  # "xla" | "cudnn" | "splash" (model/attention.py)
     remat: str = "none"  # "none" | "save_dots" | "full"
     scan_layers: bool = False
 
@@ -274,22 +275,29 @@ class Resolved:
     attention: str
 
 
-def resolve(dtype: str, attention: str, backend: str | None = None) -> Resolved:
-    """'auto' dtype → bf16 on GPU/TPU, f32 on CPU; 'auto' attention → cuDNN on GPU in bf16."""
-    backend = backend or jax.default_backend()
+def resolve(dtype: str, attention: str, head_dim: int | None = None) -> Resolved:
+    """Backend choices (mcjax/backend.py): 'auto' dtype → bf16 on GPU/TPU, f32 on CPU; 'auto'
+    attention → cuDNN on GPU in bf16; on TPU, splash for the base model's causal attention
+    (`head_dim` given) when head_dim is a multiple of 128 (the kernel's lane width), else XLA.
+    The encoders (no `head_dim`) have no TPU kernel."""
+    b = backend()
     dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}.get(dtype)
     if dt is None:
-        dt = jnp.float32 if backend == "cpu" else jnp.bfloat16
+        dt = jnp.float32 if b == "cpu" else jnp.bfloat16
     att = attention
     if att == "auto":
-        att = "cudnn" if backend == "gpu" and dt == jnp.bfloat16 else "xla"
+        att = "xla"
+        if b == "gpu" and dt == jnp.bfloat16:
+            att = "cudnn"
+        elif b == "tpu" and head_dim is not None and head_dim % 128 == 0:
+            att = "splash"
     return Resolved(dt, att)
 
 
 def build_gpt(cfg) -> GPT:
     """The GPT that `cfg` (an mcjax Config) describes, with backend choices resolved."""
     m = cfg.base_model
-    r = resolve(m.dtype, m.attention)
+    r = resolve(m.dtype, m.attention, m.head_dim)
     return GPT(
         vocab_size=cfg.dataset.vocab_size,
         depth=m.depth,

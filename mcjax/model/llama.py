@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcjax.model.attention import causal_attention
 from mcjax.model.gpt import split_layers
 from mcjax.model.hf_config import PROJECTIONS, LlamaSpec
 from mcjax.model.rope import apply_rope, rope_angles
@@ -132,7 +133,7 @@ def _save_dots_policy():
 class Llama(nn.Module):
     spec: LlamaSpec
     dtype: Dtype = jnp.float32
-    attention: str = "xla"  # "cudnn" | "xla"
+    attention: str = "xla"  # "xla" | "cudnn" | "splash" (model/attention.py)
     remat: str = "none"  # "none" | "save_dots" | "full"
     lora_spec: LoraSpec | None = None
 
@@ -227,8 +228,7 @@ class Llama(nn.Module):
             attn_in = jax.checkpoint(attn_in, policy=_save_dots_policy())
             attn_out_mlp = jax.checkpoint(attn_out_mlp, policy=_save_dots_policy())
         q, k, v = attn_in(x, w, cos, sin, keys[0])
-        impl = "cudnn" if self.attention == "cudnn" else None
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        y = causal_attention(q, k, v, self.attention)
         return attn_out_mlp(x, y, w, keys[1])
 
     # -- pure functions of a param tree (no module binding): the KV cache composes them ------

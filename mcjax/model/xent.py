@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcjax.backend import backend
+
 
 def softcap_logits(h: jnp.ndarray, w: jnp.ndarray, softcap: float) -> jnp.ndarray:
     """f32 logits `softcap · tanh(h·w / softcap)` (plain h·w when softcap is 0). [..., D] -> [..., V]."""
@@ -158,7 +160,7 @@ def _pallas_mode(z, softcap, kernel):
         return ""
     if kernel == "pallas_interpret":
         return "interpret"
-    if jax.default_backend() == "gpu" and z.dtype == jnp.bfloat16:
+    if backend() == "gpu" and z.dtype == jnp.bfloat16:
         return "gpu"
     return ""
 

@@ -8,6 +8,7 @@ stops the run before anything saves it (`nan_guard.py`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import time
@@ -17,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcjax.backend import ENV, backend
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import Config
-from mcjax.data.pipeline import TaskRefresh, eval_batches, train_iterator
+from mcjax.data.pipeline import TaskRefresh, TrainIterator, eval_batches
 from mcjax.data.prep import is_prepared, prepare, tokenizer_path
 from mcjax.data.tasks import split_stream
 from mcjax.data.tokenizer import Tokenizer
@@ -31,7 +33,7 @@ from mcjax.telemetry.progress import Progress
 from mcjax.train import distributed
 from mcjax.train.flops import config_flops_per_token, mfu, peak_flops
 from mcjax.train.memory import device_memory
-from mcjax.train.sharding import batch_sharding, global_batch, replicated
+from mcjax.train.sharding import batch_sharding, global_batch, make_mesh, replicated
 from mcjax.train.mc_runner import MCRunner
 from mcjax.train.nan_guard import NanGuard
 from mcjax.train.setup import build_parts, param_count
@@ -55,8 +57,14 @@ def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
 
 def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
     """Train the GPT of `cfg` — with GistNet and LensNet when `megacontext.enabled` — and
-    return the final report card (also written as summary.json)."""
+    return the final report card (also written as summary.json). The run's mesh is the context
+    mesh throughout, for the kernels that run per shard (model/attention.py)."""
     distributed.maybe_initialize()
+    with jax.set_mesh(make_mesh(cfg)):
+        return _train(cfg, resume, log)
+
+
+def _train(cfg: Config, resume: bool, log) -> dict[str, float]:
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *a, **k: None)
 
@@ -99,7 +107,7 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
     refresh = None
     if cfg.dataset.tasks and cfg.dataset.task_refresh:
         refresh = TaskRefresh(train_path, tokenizer_path(cfg), seed=t.seed, stream=split_stream("train"))
-    data = train_iterator(
+    data = TrainIterator(
         train_path,
         batch_size=local_batch,
         seed=t.seed,
@@ -163,10 +171,13 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> dict[str, float]:
     n_params = param_count(state.params)
     n_frozen = param_count(state.frozen)
     frozen_note = f" trainable + {n_frozen / 1e6:.2f}M frozen (the base)" if n_frozen else ""
+    base = model.gpt if mc_on else model
+    forced = f" ({ENV})" if os.environ.get(ENV) else ""
     log(
         f"run '{cfg.run}': {n_params / 1e6:.2f}M params{frozen_note}, {jax.device_count()} device(s) "
         f"{dict(mesh.shape)}, {total} steps × {cfg.tokens_per_step} tokens, "
-        f"{accum} micro-step(s), {fpt / 1e6:.1f} MFLOP/token"
+        f"{accum} micro-step(s), {fpt / 1e6:.1f} MFLOP/token; "
+        f"for {backend()}{forced}: {jnp.dtype(base.dtype).name}, attention {base.attention}"
     )
 
     mc = cfg.megacontext

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mcjax.backend import backend
 from mcjax.config import Config, mesh_shape
+from mcjax.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 _AUTO = (AxisType.Auto,) * len(AXES)  # the compiler propagates shardings (GSPMD)
@@ -29,12 +31,35 @@ RULES = (
 
 
 def make_mesh(cfg: Config, devices=None) -> Mesh:
-    """The mesh of `cfg.mesh` over all devices (of every process); ConfigError if it doesn't fit."""
+    """The mesh of `cfg.mesh` over all devices (of every process); ConfigError if it doesn't fit.
+    Axes left auto are resolved for the backend (config.mesh_axes) and the TPU slices present."""
     devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(cfg, len(devices))
+    slices = num_slices(devices)
+    shape = mesh_shape(cfg, len(devices), backend(), slices)
+    dims = tuple(shape[a] for a in AXES)
+    if slices > 1:
+        return Mesh(slice_major_grid(dims, devices, slices, cfg.source_file), AXES, axis_types=_AUTO)
     if len(devices) == jax.device_count():
-        return jax.make_mesh(tuple(shape[a] for a in AXES), AXES, axis_types=_AUTO, devices=devices)
-    return Mesh(np.asarray(devices).reshape(tuple(shape[a] for a in AXES)), AXES, axis_types=_AUTO)
+        return jax.make_mesh(dims, AXES, axis_types=_AUTO, devices=devices)
+    return Mesh(np.asarray(devices).reshape(dims), AXES, axis_types=_AUTO)
+
+
+def num_slices(devices) -> int:
+    """TPU slices among `devices` (linked by DCN, not ICI); 1 on other backends."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def slice_major_grid(dims: tuple[int, ...], devices, slices: int, where: str) -> np.ndarray:
+    """Devices in the mesh's [data, fsdp, tensor] shape with each slice a contiguous block of
+    the data axis, so only data-parallel gradient reductions cross DCN; within a slice, the
+    order mesh_utils gives for its ICI topology."""
+    from jax.experimental import mesh_utils
+
+    if dims[0] % slices:
+        raise ConfigError(f"{where}: mesh.data: {dims[0]} is not a multiple of the {slices} TPU slices present "
+                          "(data-parallel groups may not straddle slices)")
+    ici = (dims[0] // slices, *dims[1:])
+    return mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
 
 
 def logical_shardings(boxed_tree, mesh: Mesh):
