@@ -73,10 +73,17 @@ def mc_setup(cfg: Config, tokens: np.ndarray, wc_length: float) -> tuple[MCRunne
 
 
 def bench(cfg: Config, *, batch: int, wc_length: float, steps: int = 12, warmup: int = 3) -> dict:
-    """Time both steps of `cfg` at `batch` sequences; returns the results table as a dict."""
+    """Time both steps of `cfg` at `batch` sequences; returns the results table as a dict.
+    The mesh is the context mesh, as in training (model/attention.py)."""
     cfg, tokens = bench_inputs(cfg, batch)
+    mesh = make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        return _bench(cfg, tokens, mesh, batch=batch, wc_length=wc_length, steps=steps, warmup=warmup)
+
+
+def _bench(cfg: Config, tokens: np.ndarray, mesh, *, batch: int, wc_length: float, steps: int, warmup: int) -> dict:
     t = cfg.dataset.context_tokens
-    sh = batch_sharding(make_mesh(cfg), leading=1)
+    sh = batch_sharding(mesh, leading=1)
     peak = peak_flops()
     fpt = config_flops_per_token(cfg, t)
     out: dict = {

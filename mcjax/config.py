@@ -812,8 +812,9 @@ def mesh_axes(cfg: Config, backend: str, slices: int = 1) -> dict[str, int]:
     """The mesh axes with `auto` resolved for `backend` (MeshConfig), counts or -1 (fill).
 
     TPU: fsdp fills the devices (ICI within a slice) and data is the number of slices (DCN);
-    GPU and CPU: data fills and fsdp is 1. An auto axis that would fill takes 1 instead where
-    another axis is -1; where the other of data and fsdp is set, the auto one fills."""
+    GPU and CPU: data fills and fsdp is 1. Where another axis is -1, an auto axis does not
+    fill: it is 1 (TPU data: the slices); where the other of data and fsdp is set, the auto
+    one fills."""
     axes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
     auto = [k for k in ("data", "fsdp") if axes[k] == "auto"]
     filler = ("fsdp" if "fsdp" in auto else "data") if backend == "tpu" else ("data" if "data" in auto else "fsdp")
