@@ -38,6 +38,11 @@ def backend() -> str:
     return forced
 
 
+def backend_note() -> str:
+    """`backend()` for a log line: "tpu (MCJAX_BACKEND)" where the variable chose it."""
+    return backend() + (f" ({ENV})" if os.environ.get(ENV) else "")
+
+
 def on_tpu() -> bool:
     """True iff the devices present are TPUs (not merely the choices made for them)."""
     return jax.default_backend() == "tpu"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -66,7 +67,7 @@ def test_loss_takes_the_pallas_gpu_pass_only_on_gpu(forced, name, want):
 
 
 def _mesh_cfg(**mesh):
-    return config_from_dict(tiny_config(__import__("pathlib").Path("/tmp"), mesh=mesh,
+    return config_from_dict(tiny_config(Path("/tmp"), mesh=mesh,
                                         training={"batch_size": 16, "micro_batch_size": 16}))
 
 

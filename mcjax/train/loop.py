@@ -8,7 +8,6 @@ stops the run before anything saves it (`nan_guard.py`).
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import time
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcjax.backend import ENV, backend
+from mcjax.backend import backend_note
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import Config
 from mcjax.data.pipeline import TaskRefresh, TrainIterator, eval_batches
@@ -172,12 +171,11 @@ def _train(cfg: Config, resume: bool, log) -> dict[str, float]:
     n_frozen = param_count(state.frozen)
     frozen_note = f" trainable + {n_frozen / 1e6:.2f}M frozen (the base)" if n_frozen else ""
     base = model.gpt if mc_on else model
-    forced = f" ({ENV})" if os.environ.get(ENV) else ""
     log(
         f"run '{cfg.run}': {n_params / 1e6:.2f}M params{frozen_note}, {jax.device_count()} device(s) "
         f"{dict(mesh.shape)}, {total} steps × {cfg.tokens_per_step} tokens, "
         f"{accum} micro-step(s), {fpt / 1e6:.1f} MFLOP/token; "
-        f"for {backend()}{forced}: {jnp.dtype(base.dtype).name}, attention {base.attention}"
+        f"for {backend_note()}: {jnp.dtype(base.dtype).name}, attention {base.attention}"
     )
 
     mc = cfg.megacontext
