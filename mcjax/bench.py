@@ -8,7 +8,13 @@ over the runs:
   baseline  the GPT on B × T raw tokens (`train/step.py`);
   mc        the MegaContext step (`train/mc_step.py`): GistNet tree, the recency baseline
             and N variants per sequence at the variant length `--wc-length` × T, the GPT
-            on every working context, LensNet and its loss, one update of all three nets.
+            on every working context, LensNet and its loss, one update of all three nets;
+  mc_no_edits  with megacontext.edit_candidates > 0, the same step without the per-block
+            counterfactual edits (their cost: mc's throughput over this one's).
+
+A mode whose compiled program needs more memory than the device has is not run (the
+table says how much it needs): an out-of-memory error that can be foreseen is reported,
+not raised.
 
 Reported per mode: step ms, input tokens/s (B·T per step), two MFUs, the MC controller
 breakdown (see `mc_runner.py`), the real WC entries per step (counted from the step's
@@ -34,7 +40,7 @@ from mcjax.config import Config
 from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity
 from mcjax.train.flops import config_flops_per_token, mfu, peak_flops
 from mcjax.train.mc_runner import Batch, MCRunner, timed_ms
-from mcjax.train.memory import device_memory
+from mcjax.train.memory import device_limit_gb, device_memory
 from mcjax.train.sharding import batch_sharding, global_batch, make_mesh
 from mcjax.train.setup import build_parts
 from mcjax.train.state import TrainState
@@ -90,8 +96,17 @@ def _bench(cfg: Config, tokens: np.ndarray, mesh, *, batch: int, wc_length: floa
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
         "config": cfg.name, "batch": batch, "seq": t, "variants": cfg.megacontext.num_random_variants,
         "policy_variants": cfg.megacontext.num_policy_variants,
-        "wc_length": wc_length,
+        "wc_length": wc_length, "edit_candidates": cfg.megacontext.edit_candidates,
     }
+
+    limit = device_limit_gb()
+
+    def fits(mode: str) -> bool:
+        need = out[f"{mode}_program_gb"]
+        if limit is not None and need > limit:
+            out[f"{mode}_skipped"] = f"needs {need:.1f} GB, the device has {limit:.1f}"
+            return False
+        return True
 
     # ---- baseline: the plain step of the base model (a pretrained one frozen, its LoRA training)
     plain = build_parts(dataclasses.replace(cfg, megacontext=dataclasses.replace(cfg.megacontext, enabled=False)))
@@ -104,11 +119,27 @@ def _bench(cfg: Config, tokens: np.ndarray, mesh, *, batch: int, wc_length: floa
         box["state"], m = step(box["state"], tok)
         return m
 
-    ms = timed_ms(run_base, reps=max(1, steps // 4), warmup=warmup)
-    out.update(baseline_step_ms=ms, baseline_tok_per_sec=batch * t / ms * 1e3)
-    out["baseline_mfu"] = mfu(out["baseline_tok_per_sec"], fpt, jax.device_count(), peak)
-    out["baseline_device_peak_gb"] = device_memory().get("runtime/gpu_memory_peak_gb", float("nan"))
+    if fits("baseline"):
+        ms = timed_ms(run_base, reps=max(1, steps // 4), warmup=warmup)
+        out.update(baseline_step_ms=ms, baseline_tok_per_sec=batch * t / ms * 1e3)
+        out["baseline_mfu"] = mfu(out["baseline_tok_per_sec"], fpt, jax.device_count(), peak)
+        out["baseline_device_peak_gb"] = device_memory().get("runtime/gpu_memory_peak_gb", float("nan"))
     del box["state"], plain  # free the plain state before building the MegaContext one
+
+    if cfg.megacontext.edit_candidates:  # ---- the MegaContext step without its counterfactual edits
+        plain_mc = dataclasses.replace(cfg, megacontext=dataclasses.replace(cfg.megacontext, edit_candidates=0))
+        runner, box["state"], mc_batch = mc_setup(plain_mc, tokens, wc_length)
+        tok_g, lay_g = global_batch(tokens, sh), global_batch(mc_batch.layouts, sh)
+        wv = mc_batch.variant_capacity
+        out["mc_no_edits_program_gb"] = _program_gb(runner.step_fn, box["state"], tok_g, lay_g, wv)
+        if fits("mc_no_edits"):
+            def run_plain_mc():
+                box["state"], m = runner.step_fn(box["state"], tok_g, lay_g, wv)
+                return m
+
+            ms = timed_ms(run_plain_mc, reps=max(1, steps // 4), warmup=warmup)
+            out.update(mc_no_edits_step_ms=ms, mc_no_edits_tok_per_sec=batch * t / ms * 1e3)
+        del box["state"], runner
 
     # ---- MegaContext step
     runner, box["state"], mc_batch = mc_setup(cfg, tokens, wc_length)
@@ -120,6 +151,8 @@ def _bench(cfg: Config, tokens: np.ndarray, mesh, *, batch: int, wc_length: floa
         box["state"], m = runner.step_fn(box["state"], tok_g, lay_g, wv)
         return m
 
+    if not fits("mc"):
+        return {k: (round(x, 4) if isinstance(x, float) else x) for k, x in out.items()}
     ms = timed_ms(run_mc, reps=max(1, steps // 4), warmup=warmup)
     base_entries, var_entries, _ = runner.wc_work(mc_batch)
     fpit = runner.flops_per_input_token(mc_batch)
@@ -142,27 +175,41 @@ def _bench(cfg: Config, tokens: np.ndarray, mesh, *, batch: int, wc_length: floa
     )
     out["mc_other_ms"] = ms - sum(parts.values())
     out["mc_controller_share"] = sum(parts.values()) / ms
+    if "mc_no_edits_step_ms" in out:
+        out["mc_edit_throughput_share"] = out["mc_no_edits_step_ms"] / ms
     out["mc_device_peak_gb"] = device_memory().get("runtime/gpu_memory_peak_gb", float("nan"))
     return {k: (round(x, 4) if isinstance(x, float) else x) for k, x in out.items()}
 
 
 def table(r: dict) -> str:
-    """The results as the seed review's table: one row per mode."""
-    policy = f", policy_ms {r['mc_policy_ms']:.2f}" if "mc_policy_ms" in r else ""
+    """The results as the seed review's table: one row per mode (a mode that does not fit says so)."""
+    width = f" (WC width {r['mc_variant_capacity']})" if "mc_variant_capacity" in r else ""
     lines = [
         f"{r['config']} on {r['devices']}× {r['device']} (jax {r['jax']}): batch {r['batch']} × {r['seq']} tokens, "
-        f"{r['variants']} random + {r['policy_variants']} on-policy variants at {r['wc_length']:.0%} of the sequence (WC width {r['mc_variant_capacity']})",
-        f"{'mode':<9} {'step ms':>9} {'input tok/s':>12} {'MFU(real)':>10} {'MFU(input)':>11} {'program GB':>11}",
-        f"{'baseline':<9} {r['baseline_step_ms']:>9.1f} {r['baseline_tok_per_sec']:>12,.0f} {r['baseline_mfu']:>10.3f} "
-        f"{r['baseline_mfu']:>11.3f} {r['baseline_program_gb']:>11.2f}",
-        f"{'mc':<9} {r['mc_step_ms']:>9.1f} {r['mc_tok_per_sec']:>12,.0f} {r['mc_mfu']:>10.3f} "
-        f"{r['mc_mfu_input']:>11.3f} {r['mc_program_gb']:>11.2f}",
-        f"mc controller: build_ms {r['mc_build_ms']:.2f}, variant_pack_ms {r['mc_variant_pack_ms']:.2f}, "
-        f"lens_ms {r['mc_lens_ms']:.2f}{policy} ({r['mc_controller_share']:.1%} of the step), variant_ms (host) "
-        f"{r['mc_variant_ms']:.2f}, other_ms {r['mc_other_ms']:.1f}",
-        f"mc: {r['mc_wc_entries']:,} real WC entries per step ({r['mc_baseline_entries']:,} baseline + "
-        f"{r['mc_variant_entries']:,} in variants)",
+        f"{r['variants']} random + {r['policy_variants']} on-policy variants at {r['wc_length']:.0%} of the sequence{width}",
+        f"{'mode':<11} {'step ms':>9} {'input tok/s':>12} {'MFU(real)':>10} {'MFU(input)':>11} {'program GB':>11}",
     ]
+    for mode, real, inp in (("baseline", "baseline_mfu", "baseline_mfu"), ("mc_no_edits", None, None), ("mc", "mc_mfu", "mc_mfu_input")):
+        if f"{mode}_program_gb" not in r:
+            continue
+        if f"{mode}_skipped" in r:
+            lines.append(f"{mode:<11} not run: its program {r[f'{mode}_skipped']}")
+            continue
+        mfus = f"{r[real]:>10.3f} {r[inp]:>11.3f}" if real else f"{'':>10} {'':>11}"
+        lines.append(f"{mode:<11} {r[f'{mode}_step_ms']:>9.1f} {r[f'{mode}_tok_per_sec']:>12,.0f} {mfus} "
+                     f"{r[f'{mode}_program_gb']:>11.2f}")
+    if "mc_step_ms" in r:
+        policy = f", policy_ms {r['mc_policy_ms']:.2f}" if "mc_policy_ms" in r else ""
+        lines += [
+            f"mc controller: build_ms {r['mc_build_ms']:.2f}, variant_pack_ms {r['mc_variant_pack_ms']:.2f}, "
+            f"lens_ms {r['mc_lens_ms']:.2f}{policy} ({r['mc_controller_share']:.1%} of the step), variant_ms (host) "
+            f"{r['mc_variant_ms']:.2f}, other_ms {r['mc_other_ms']:.1f}",
+            f"mc: {r['mc_wc_entries']:,} real WC entries per step ({r['mc_baseline_entries']:,} baseline + "
+            f"{r['mc_variant_entries']:,} in variants)",
+        ]
+    if "mc_edit_throughput_share" in r:
+        lines.append(f"mc with its {r['edit_candidates']} counterfactual edits per sequence: "
+                     f"{r['mc_edit_throughput_share']:.0%} of the throughput without them")
     return "\n".join(lines)
 
 

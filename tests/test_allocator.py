@@ -359,3 +359,66 @@ def test_params_from_config(tmp_path):
     assert p.recent_tokens == cfg.megacontext.recent_tokens and p.max_lod == cfg.megacontext.max_lod
     assert p.policy == "stochastic" and p.iterations == 3
     assert p.expand_threshold == cfg.allocator.expand_threshold
+
+
+# ----------------------------------------------------------------------------- the fill
+
+
+def test_fill_with_equal_scores_is_recency():
+    """A LensNet with nothing to say (every score equal) fills the budget with the most recent
+    gists, below the thresholds: the fill degrades to recency, never below it."""
+    lod = [1, 1, 1, 1, 1, 1, 0, 0]  # 14 entries
+    p = params(w_max=20, expand_threshold=0.5, fill_units=4)
+    new, last, stats = small(lod, [0.0] * 8, p)
+    assert list(new) == [1, 1, 1, 1, 0, 0, 0, 0]  # 20 entries: two fills, the newest gists
+    assert stats["num_fills"] == 2 and stats["num_expands"] == 2 and stats["entries_after"] == 20
+    assert list(last == STEP) == [False] * 4 + [True, True, False, False]
+    # no fill: the thresholds keep the layout as it was
+    assert list(small(lod, [0.0] * 8, params(w_max=20, expand_threshold=0.5))[0]) == lod
+
+
+def test_fill_takes_the_best_scored_units_first_within_its_limits():
+    lod = [2, 2, 2, 2, 1, 1, 0, 0]  # 11 entries: one LOD2 gist, two LOD1, the raw tail (8)
+    per_block = [-0.5, 0, 0, 0, -0.9, -0.2, 0, 0]  # all below the threshold: block 5, the superblock, block 4
+    p = params(w_max=32, expand_threshold=0.5, fill_units=4, iterations=1)
+    new, _, stats = small(lod, per_block, p)
+    assert list(new) == [1, 1, 1, 1, 0, 0, 0, 0] and stats["num_fills"] == 3  # 11 + 3·3 = 20 entries
+    new, _, stats = small(lod, per_block, dataclasses.replace(p, fill_units=2))
+    assert list(new) == [1, 1, 1, 1, 1, 0, 0, 0] and stats["num_fills"] == 2  # at most fill_units
+    new, _, _ = small(lod, per_block, dataclasses.replace(p, fill_to=16))
+    assert list(new) == [2, 2, 2, 2, 1, 0, 0, 0]  # a second fill would pass fill_to = 16 (17 entries)
+    new, _, _ = small(lod, per_block, dataclasses.replace(p, w_max=15))
+    assert list(new) == [2, 2, 2, 2, 1, 0, 0, 0]  # and never past W_max
+    last = np.full(8, NEVER, np.int32)
+    last[:4] = STEP - 1  # the superblock in cooldown: the gists are filled instead
+    new, _, _ = small(lod, per_block, p, last=last)
+    assert list(new) == [2, 2, 2, 2, 0, 0, 0, 0]
+
+
+@st.composite
+def fill_cases(draw):
+    lod, scores, last, p, seed = draw(cases())
+    p = dataclasses.replace(p, fill_units=draw(st.sampled_from([2, 40])), fill_to=draw(st.integers(0, T)),
+                            max_replacements=1, iterations=1)
+    return lod, scores, last, p, seed
+
+
+@settings(max_examples=300, deadline=None)
+@given(fill_cases())
+def test_fill_uses_the_budget(case):
+    """Whatever the layout, scores and settings: the result is valid and within budget when
+    the input was; and unless the fill ran out of units (fill_units) or of free gists, it
+    holds at least min(fill_to, W_max) − (K − 1) entries."""
+    old, scores, last, p, seed = case
+    new, new_last, stats = run(old, scores, p, last=last, key=seed % 1000)
+    before, after = entry_count(old, K), entry_count(new, K)
+    check_layout(new, K, capacity=p.w_max if before <= p.w_max else None, recent_tokens=p.recent_tokens)
+    assert stats["num_fills"] <= p.fill_units and stats["entries_after"] == after
+    actions(old, new)
+    limit = min(p.fill_to, p.w_max)
+    if before <= limit and stats["num_fills"] < p.fill_units and after < limit - (K - 1):
+        # then no unit was left to expand: every gist is in the tail, in cooldown or changed now
+        tail = -(-p.recent_tokens // K)
+        free = (np.arange(N1) < N1 - tail) & (STEP - last >= p.cooldown_steps) & (new == old)
+        supers = ((new == 2) & free)[: N2 * K].reshape(N2, K).all(1)
+        assert not ((new == 1) & free).any() and not supers.any(), (render(old), render(new), p)

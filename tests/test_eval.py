@@ -237,8 +237,12 @@ def test_eval_all_writes_tables_plots_and_an_honest_report(runs, capsys):
     assert all(abs(r["delta_nll"] - (r["nll"] - r["nll_full"])) < 1e-9 for r in rows)
     assert {r["compression_ratio"] for r in rows if r["policy"] == "lod1"} == {8.0}
     focus = pq.read_table(out / "focus.parquet").to_pylist()
+    assert {r["policy"] for r in focus} == {"lensnet", "recency", "random", "attention", "lensnet_dropped",
+                                            "recency_dropped", "oracle"}
+    assert all(r["entries"] <= r["budget"] for r in focus)  # equal budget, the rival's fill included
     for r in (r for r in focus if r["oracle_sample"] and r["horizon"] == 32 and r["policy"] == "oracle"):
-        same = [x for x in focus if (x["w_max"], x["dataset"], x["row"], x["horizon"]) == (r["w_max"], r["dataset"], r["row"], 32)]
+        same = [x for x in focus if (x["w_max"], x["dataset"], x["row"], x["horizon"]) == (r["w_max"], r["dataset"], r["row"], 32)
+                and not x["policy"].endswith("_dropped")]  # the same layouts read with the gists left out
         assert r["delta_nll"] <= min(x["delta_nll"] for x in same) + 1e-9  # never worse than recency (or any policy)
         assert r["entries"] <= r["budget"]
     retrieval = pq.read_table(out / "retrieval.parquet").to_pylist()

@@ -243,6 +243,27 @@ def test_bench_runs_both_steps_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_times_the_edits_and_skips_what_cannot_fit(tmp_path, monkeypatch):
+    """With counterfactual edits the bench also times the step without them (their cost); a
+    mode whose program needs more memory than the device has is reported, not run."""
+    import mcjax.bench as bench_mod
+
+    monkeypatch.setattr(bench_mod.MCRunner, "part_times", lambda *_: dict.fromkeys(("build_ms", "variant_pack_ms", "lens_ms"), 0.0))
+    real = bench_mod._program_gb
+    # the plain step's state holds the GPT's own tree; the MegaContext steps' {"gpt", "gistnet", "lensnet"}
+    monkeypatch.setattr(bench_mod, "_program_gb", lambda fn, state, *a: 99.0 if "gpt" not in state.params else real(fn, state, *a))
+    monkeypatch.setattr(bench_mod, "device_limit_gb", lambda: 50.0)  # the plain step "needs" 99 GB
+    cfg = _mc_cfg(tmp_path, num_policy_variants=1, edit_candidates=4)
+    r = bench_mod.bench(cfg, batch=2, wc_length=0.3, steps=1, warmup=1)
+    assert "baseline_step_ms" not in r and r["baseline_skipped"] == "needs 99.0 GB, the device has 50.0"
+    assert r["mc_no_edits_step_ms"] > 0 and r["mc_step_ms"] > 0
+    assert r["mc_edit_throughput_share"] == pytest.approx(r["mc_no_edits_step_ms"] / r["mc_step_ms"], abs=1e-3)  # rounded
+    text = bench_mod.table(r)
+    assert "baseline    not run: its program needs 99.0 GB, the device has 50.0" in text
+    assert "counterfactual edits per sequence" in text and "\nmc " in text
+
+
+@pytest.mark.slow
 def test_bench_counts_real_entries_from_its_layouts_when_t_is_8_w_max(tmp_path, monkeypatch):
     # T = 256 = 8 · W_max (blocks of 16): every WC is 32 wide, so per-entry FLOPs are far below
     # a 256-token sequence's: FLOPs / (FLOPs per token at T) printed 116 entries for these 186.

@@ -188,7 +188,7 @@ def test_task_refresh_draws_new_facts_every_epoch_after_the_first(tmp_path):
     raw["dataset"]["task_refresh"] = False
     assert prep.is_prepared(config_from_dict(raw))
     path, tok_path = cfg.dataset.splits["train"].output_path, prep.tokenizer_path(cfg)
-    source, (task, _) = ArrowSequences(path), row_tasks(path)
+    source, (task, _, _) = ArrowSequences(path), row_tasks(path)
     n, file_rows = len(source), {source[i].tobytes(): i for i in range(len(source))}
     tok = Tokenizer.load(tok_path)
 

@@ -309,11 +309,13 @@ def test_task_rows_are_mixed_in_by_share_and_labelled(tmp_path, monkeypatch):
         assert s["natural_rows"] == natural and s["task_rows"] == want and s["rows"] == natural + sum(want.values())
         path = Path("a/out", f"{split}.arrow")
         with pa.memory_map(str(path)) as f:
-            assert pa.ipc.open_file(f).schema.names == ["tokens", "task", "answer_tokens"]
-        rows, (task, answers) = read_rows(path), row_tasks(path)
+            assert pa.ipc.open_file(f).schema.names == ["tokens", "task", "answer_tokens", "needle"]
+        rows, (task, answers, needles) = read_rows(path), row_tasks(path)
         assert len(rows) == len(task) == s["rows"]
         assert np.bincount(task, minlength=4).tolist() == [natural] + [want[t] for t in TASKS]
         assert (answers[task == 0] == 0).all() and (answers[task > 0] > 0).all()
+        assert (needles[task == 0] == -1).all() and (needles[task > 0] > 0).all()
+        assert (needles[task > 0] < TASK_T - answers[task > 0]).all()  # the fact comes before the question
         for i in np.flatnonzero(task > 0)[:12]:  # the answer is the row's last tokens, after the question
             head, tail = tok.decode(rows[i, : -answers[i]].tolist()), tok.decode(rows[i, -answers[i] :].tolist())
             assert re.fullmatch(r" \d+", tail) and re.search(r"(is|==)$", head) and rows[i, 0] == tok.bos_id
@@ -324,8 +326,9 @@ def test_task_rows_are_mixed_in_by_share_and_labelled(tmp_path, monkeypatch):
         src = ArrowSequences(path)  # training reads the tokens column of the wider file
         np.testing.assert_array_equal(np.stack([src[i] for i in range(len(src))]), rows)
     assert any(line.startswith("prep: val:") and "natural rows, passkey" in line for line in lines)
-    plain_tasks, plain_answers = row_tasks(Path("plain/out/train.arrow"))  # no tasks: zeros
+    plain_tasks, plain_answers, plain_needles = row_tasks(Path("plain/out/train.arrow"))  # no tasks: zeros
     assert not plain_tasks.any() and not plain_answers.any() and len(plain_tasks) == plain["splits"]["train"]["rows"]
+    assert (plain_needles == -1).all()
     with pa.memory_map("plain/out/train.arrow") as f:
         assert pa.ipc.open_file(f).schema.names == ["tokens"]
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,13 +19,13 @@ pytest.importorskip("transformers")
 
 from conftest import cli_env, tiny_config  # noqa: E402
 from hf_tiny import FAMILIES, VOCAB, write_checkpoint  # noqa: E402
+from hf_tiny import flax_logits as _logits  # noqa: E402
+from hf_tiny import load_flax as _load  # noqa: E402
 from mcjax.config import config_from_dict  # noqa: E402
 from mcjax.errors import ConfigError, UserError  # noqa: E402
 from mcjax.model import kv_cache as kc  # noqa: E402
 from mcjax.model.hf_config import read_spec  # noqa: E402
-from mcjax.model.hf_weights import load_llama  # noqa: E402
 from mcjax.model.llama import Llama, LoraSpec, merge_lora  # noqa: E402
-from mcjax.train.sharding import logical_shardings, make_mesh  # noqa: E402
 
 TOL = 1e-4  # f32 on both sides: max |Δlogit| (logits are O(1))
 
@@ -37,25 +36,6 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     texts = ["To be, or not to be, that is the question. " * 40]
     return {f: (root / f, write_checkpoint(root / f, f, texts=texts)) for f in FAMILIES}
-
-
-def _load(directory: Path, lora: LoraSpec | None = None, mesh_cfg: dict | None = None):
-    """(model, params) of `directory` on a mesh of the local devices (f32)."""
-    spec = read_spec(directory)
-    model = Llama(spec, dtype=jnp.float32, lora_spec=lora)
-    cfg = config_from_dict(tiny_config(directory.parent / "cfg", mesh=mesh_cfg or {"data": 1}))
-    mesh = make_mesh(cfg, jax.devices()[: np.prod([v for v in (mesh_cfg or {"data": 1}).values()])])
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    sh = logical_shardings(boxed, mesh)
-    params = load_llama(directory, spec, {k: v for k, v in sh.items() if k != "lora"}, jnp.float32)
-    if lora is not None:
-        params["lora"] = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))["params"]["lora"]
-    return model, params
-
-
-def _logits(model, params, ids, **kw):
-    h = model.apply({"params": params}, jnp.asarray(ids), **kw)
-    return np.asarray(h @ model.apply({"params": params}, method="head"))
 
 
 def _reference(torch_model, ids):
@@ -218,7 +198,7 @@ def test_config_takes_the_shape_from_config_json(checkpoints, tmp_path):
         config_from_dict(_pretrained_cfg(tmp_path, tmp_path / "absent"))
     raw = _pretrained_cfg(tmp_path, directory)
     raw["base_model"] = {"name": "HuggingFaceTB/SmolLM2-360M"}
-    with pytest.raises(ConfigError, match=r"set base_model.path to a local Hugging Face model directory; there are no downloads"):
+    with pytest.raises(ConfigError, match=r"set base_model.path to a local Hugging Face model directory or a .gguf file; there are no downloads"):
         config_from_dict(raw)
     with pytest.raises(ConfigError, match=r"lora.targets: must list distinct projections of q, k, v, o, gate, up, down, got \['q', 'x'\]"):
         config_from_dict(_pretrained_cfg(tmp_path, directory, lora={"targets": ["q", "x"]}))

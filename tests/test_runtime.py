@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from mcjax.config import config_from_dict
 from mcjax.errors import ConfigError, UserError
-from mcjax.megacontext.allocator import AllocatorParams, NEVER, never_changed
+from mcjax.megacontext.allocator import NEVER, AllocatorParams, fill_units, never_changed
 from mcjax.megacontext.layout import assemble, check_layout, entry_count
 from mcjax.model import kv_cache as kc
 from mcjax.model.gpt import GPT
@@ -73,6 +73,12 @@ def run(tmp_path_factory) -> LoadedRun:
     return fake_run(tmp_path_factory.mktemp("rt"))
 
 
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory) -> LoadedRun:
+    """A run whose base reads gists through the read gate (half open: bias ≈ −1)."""
+    return fake_run(tmp_path_factory.mktemp("rt_gate"), gistnet={"read_gate": True, "read_gate_init": -1.0})
+
+
 def _stream(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, 300, n).tolist()
 
@@ -119,7 +125,9 @@ def _synced_equals_prefill(eng: Engine) -> int:
     n = int(wc.valid[0].sum())
     same = (np.arange(W) < n_old[0]) & (pos_old[0] == wc.pos[0]) & (lod_old[0] == wc.lod[0]) & wc.valid[0]
     assert size == eng.rt.sizes[int(np.searchsorted(eng.rt.sizes, n - int(np.cumprod(same).sum())))]
-    hidden, cache = kc.prefill(gpt, gp, jnp.asarray(wc.emb), jnp.asarray(wc.pos), jnp.asarray(wc.span))
+    bias = eng.rt._read_bias(eng.params)
+    gate = None if bias is None else (bias, jnp.asarray(wc.lod) > 0)
+    hidden, cache = kc.prefill(gpt, gp, jnp.asarray(wc.emb), jnp.asarray(wc.pos), jnp.asarray(wc.span), gate)
     for layer in range(gpt.depth):
         for got, want in ((eng.state.cache.k, cache.k), (eng.state.cache.v, cache.v)):
             np.testing.assert_allclose(np.asarray(got[layer])[0, :, :n], np.asarray(want[layer])[0, :, :n], atol=TOL)
@@ -127,11 +135,14 @@ def _synced_equals_prefill(eng: Engine) -> int:
     return size
 
 
-def test_every_rebuilt_cache_equals_a_prefill_from_scratch(run):
+@pytest.mark.parametrize("gated", [False, True])
+def test_every_rebuilt_cache_equals_a_prefill_from_scratch(request, gated):
     """A long stream (ingest beyond W_max, then blocks of decoding with refocus by a random
     LensNet): after every refocus the cache rebuilt from the first changed entry equals a
     fresh prefill of the assembled working context, row by row, and so do the next-token
-    logits. Hand-made edits at several depths then drive every rebuild size."""
+    logits. Hand-made edits at several depths then drive every rebuild size. With the read
+    gate, the gist slots keep their bias through every rebuild and decode step."""
+    run = request.getfixturevalue("gated_run" if gated else "run")
     eng = Engine(run, kind="mc")
     eng.ingest([_stream(147, 2)])  # 147 + 3 blocks = 171 = 21 blocks + 3: the last edit rebuilds 4 slots
     sizes, layouts = set(), []
@@ -292,6 +303,37 @@ def test_long_random_streams_keep_every_invariant(seed, policy, margin):
         res = t - np.maximum(new_last[: length // K], 0)
         assert stats["mean_residency"] == pytest.approx(res.sum() / max(length // K, 1), rel=1e-6)
         lod, last = jnp.asarray(new), jnp.asarray(new_last)
+
+
+def test_a_long_stream_keeps_its_budget_in_use():
+    """At run-time sizes (K = 32, W_max = 2,048, R = 32, margin W/16) with random LensNet
+    scores: once the history is longer than W_max, every refocus — the ingest of a 4,096-token
+    prompt, then 96 decode blocks — leaves the working context at 80–100 % of W_max, never
+    above W − R, with a swap rate ≤ 0.25 per decode refocus."""
+    k, w, r, chunk = 32, 2048, 32, 1024
+    cap, margin = 8192, w // 16
+    alloc = AllocatorParams(k=k, w_max=w, recent_tokens=128, max_lod=2, max_replacements=4, expand_threshold=0.1,
+                            collapse_threshold=0.1, cooldown_steps=2, iterations=2, fill_units=fill_units(w, k))
+    n1 = cap // k
+    zeros = (jnp.zeros((cap,), jnp.int32), jnp.zeros((n1, 1)), jnp.zeros((n1 // k, 1)))
+
+    @functools.partial(jax.jit, static_argnums=6)
+    def step(lod, scores, last, length, t, key, width):
+        wc = assemble(lod, *zeros, width, length=length, embed=lambda ids: jnp.zeros(ids.shape + (1,)))
+        return allocate(lod, wc, scores, last, length, t, key, alloc, w - r, margin)
+
+    rng = np.random.default_rng(0)
+    lod, last, length = jnp.zeros(n1, jnp.int8), never_changed(n1), 0
+    for t, add in enumerate([chunk] * 4 + [r] * 96):
+        length += add
+        width = w + add
+        scores = jnp.asarray(rng.uniform(-1, 1, width), jnp.float32)
+        lod, last, stats = step(lod, scores, last, jnp.int32(length), jnp.int32(t), jax.random.key(t), width)
+        n = int(stats["entries_after"])
+        assert n <= w - r
+        if length > w:
+            assert n >= 0.8 * w, (t, length, n)
+            assert add > r or float(stats["swap_rate"]) <= 0.25  # an ingest chunk's own blocks must fold in
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -38,11 +38,11 @@ FACTS = {"passkey": (r"The pass key is \d+\.", 1), "kv": (r"magic numbers for ([
 @pytest.mark.parametrize("task", TASKS)
 def test_rows_end_with_the_answer_to_a_fact_earlier_in_the_row(tok_filler, task):
     tok, filler = tok_filler
-    rows, answers = task_rows(tok, filler, task, 8, L, seed=3, stream=1)
+    rows, answers, needles = task_rows(tok, filler, task, 8, L, seed=3, stream=1)
     assert rows.shape == (8, L) and rows.dtype == np.int32 and answers.dtype == np.int16
     assert (rows[:, 0] == tok.bos_id).all() and (rows[:, 1:] != tok.bos_id).all()
     fact, question, answer = FACT[task]
-    for row, a in zip(rows, answers):
+    for row, a, at in zip(rows, answers, needles):
         value = re.fullmatch(answer, tok.decode(row[-a:].tolist())).group(1)
         text = tok.decode(row[:-a].tolist())
         q = re.search(question, text)
@@ -51,14 +51,16 @@ def test_rows_end_with_the_answer_to_a_fact_earlier_in_the_row(tok_filler, task)
         key = q.group(1) if q.groups() else ""
         found = re.findall(fact.format(key=re.escape(key)) if "{key}" in fact else fact, before)
         assert found == [value]  # the asked fact is in the row, once, with the answer's value
+        pattern = fact.format(key=re.escape(key)) if "{key}" in fact else fact
+        assert re.match(pattern, tok.decode(row[at:].tolist())).group(1) == value  # `needle` starts the asked fact
         names = re.findall(FACTS[task][0], before)
         assert len(names) == FACTS[task][1] and len(set(names)) == len(names)  # distinct facts
 
 
 def test_rows_are_deterministic_per_seed_stream_and_index(tok_filler):
     tok, filler = tok_filler
-    rows, answers = task_rows(tok, filler, "vartrack", 3, L, seed=0, stream=2)
-    again, again_answers = task_rows(tok, filler, "vartrack", 2, L, seed=0, stream=2)
+    rows, answers, _ = task_rows(tok, filler, "vartrack", 3, L, seed=0, stream=2)
+    again, again_answers, _ = task_rows(tok, filler, "vartrack", 2, L, seed=0, stream=2)
     np.testing.assert_array_equal(rows[:2], again)  # row i does not depend on the count
     np.testing.assert_array_equal(answers[:2], again_answers)
     keyed = task_rows(tok, filler, "vartrack", 2, L, seed=0, stream=2, keys=[(2,), (0,)])[0]

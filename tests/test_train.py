@@ -112,6 +112,23 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, prepared_data):
     assert resumed == reference  # bit-exact on CPU
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path, prepared_data):
+    """training.time_limit_s: the run stops after the step that crosses the limit — a
+    checkpoint, the summary and plots as at the end — and --resume trains the rest."""
+    root = tmp_path / "limited"
+    root.mkdir()
+    cfg = write_config(root / "c.yaml", _cfg(root, prepared_data, training={"max_steps": 6, "time_limit_s": 0.01}))
+    res = run_cli(["train", "--config", str(cfg)], cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "step 1: training.time_limit_s (0.01 s) reached; resume with --resume" in res.stdout + res.stderr
+    assert sorted(p.name for p in (root / "artifacts/checkpoints/tiny").iterdir() if p.name.isdigit()) == ["1"]
+    run_dir = root / "artifacts/runs/tiny"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1.0 and (run_dir / "plots").is_dir()
+    res = run_cli(["train", "--config", str(cfg), "--resume", "training.time_limit_s=0"], cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(_losses(run_dir)) == list(range(1, 7))  # every step once
+
+
 def _launch_local(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`launch/run.sh local n --cpu -- <args>`: n processes of one CPU device each."""
     import os

@@ -196,24 +196,27 @@ def eval_batches(
         yield np.stack([source[i] for i in range(start, start + batch_size)])
 
 
-def row_tasks(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(task int8 [n], answer_tokens int16 [n]) of a prepared file's rows, row for row as
-    `ArrowSequences(path)` reads them: task 0 = natural text, 1 + data.tasks.TASKS.index(name)
-    = that task's row, whose answer is its last answer_tokens tokens. Zeros for a file
-    without these columns (no dataset.tasks); DataError for a missing or invalid file."""
+def row_tasks(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(task int8 [n], answer_tokens int16 [n], needle int32 [n]) of a prepared file's rows,
+    row for row as `ArrowSequences(path)` reads them: task 0 = natural text, 1 +
+    data.tasks.TASKS.index(name) = that task's row, whose answer is its last answer_tokens
+    tokens and whose asked fact starts at token `needle` (−1: natural text, or a file
+    prepared before prep recorded it). Zeros (and −1) for a file without these columns (no
+    dataset.tasks); DataError for a missing or invalid file."""
     source = ArrowSequences(path)  # checks the file
     assert source._reader is not None
     reader, n = source._reader, len(source)
     types = {f.name: f.type for f in reader.schema}
-    have = [c for c in ("task", "answer_tokens") if c in types]
+    have = [c for c in ("task", "answer_tokens", "needle") if c in types]
     if not have:
-        return np.zeros(n, np.int8), np.zeros(n, np.int16)
-    if len(have) < 2 or not all(pa.types.is_integer(types[c]) for c in have):
-        raise DataError(f"{path}: columns 'task' and 'answer_tokens' must both be integer columns; "
+        return np.zeros(n, np.int8), np.zeros(n, np.int16), np.full(n, -1, np.int32)
+    if not {"task", "answer_tokens"} <= set(have) or not all(pa.types.is_integer(types[c]) for c in have):
+        raise DataError(f"{path}: columns 'task', 'answer_tokens' (and 'needle') must be integer columns; "
                         "run `mcjax prep` for this config")
     table = reader.read_all().select(have)  # memory-mapped: the tokens are not copied
+    needle = table.column("needle").to_numpy().astype(np.int32) if "needle" in have else np.full(n, -1, np.int32)
     return (table.column("task").to_numpy().astype(np.int8),
-            table.column("answer_tokens").to_numpy().astype(np.int16))
+            table.column("answer_tokens").to_numpy().astype(np.int16), needle)
 
 
 class TaskRefresh:
@@ -230,7 +233,7 @@ class TaskRefresh:
     def __init__(self, path: str | Path, tokenizer: str | Path, *, seed: int, stream: int):
         self.tokenizer_path, self.seed, self.stream = str(tokenizer), seed, stream
         self.source = ArrowSequences(path)
-        self.task, _ = row_tasks(path)
+        self.task = row_tasks(path)[0]
         natural = np.flatnonzero(self.task == 0)
         self.fillers = natural if len(natural) else np.arange(len(self.source))
         if not Path(self.tokenizer_path).is_file():
@@ -246,6 +249,6 @@ class TaskRefresh:
         key = (int(index), int(epoch))
         pick = np.random.default_rng((self.seed, self.stream, *key)).integers(len(self.fillers))
         filler = self.source[int(self.fillers[pick])][:-1]
-        rows, _ = task_rows(self._tok, filler[filler != self._tok.bos_id], TASKS[kind - 1], 1, len(row),
-                            seed=self.seed, stream=self.stream, keys=[key])
-        return rows[0]
+        drawn = task_rows(self._tok, filler[filler != self._tok.bos_id], TASKS[kind - 1], 1, len(row),
+                          seed=self.seed, stream=self.stream, keys=[key])
+        return drawn.rows[0]

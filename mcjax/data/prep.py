@@ -24,11 +24,16 @@ natural text; task_rows' stream is tasks.split_stream(split name). The natural a
 are then shuffled by a generator seeded by (training.seed, stream).
 
 Each split is written as an Arrow IPC file with the column `tokens: fixed_size_list<uint16|int32,
-T+1>`, and with dataset.tasks two more: `task: int8` (0 = natural text, 1 + TASKS.index) and
-`answer_tokens: int16` (the answer is the row's last answer_tokens tokens; 0 for natural text).
+T+1>`, and with dataset.tasks three more: `task: int8` (0 = natural text, 1 + TASKS.index),
+`answer_tokens: int16` (the answer is the row's last answer_tokens tokens; 0 for natural text)
+and `needle: int32` (the first token of the fact the question asks about; −1 for natural text).
 `tokenizer.json` and `meta.json` go beside the train file. Everything is built in memory and
 in a temporary directory first, then moved into place (meta.json last), so a failure leaves
 no half-written output. Same inputs give byte-identical files.
+
+A pretrained base reads the ids of its own vocabulary: a dataset.tokenizer other than the
+base's own must give every token the id the base's tokenizer gives it (`check_base_vocab`,
+checked before anything is written and again when training starts).
 """
 
 from __future__ import annotations
@@ -47,11 +52,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mcjax.config import Config
+from mcjax.config import Config, base_model_dir
 from mcjax.data.corpus import Document, read_documents
 from mcjax.data.holdout import split_documents
 from mcjax.data.tasks import TASKS, split_stream, task_rows
-from mcjax.data.tokenizer import Tokenizer, train_bpe
+from mcjax.data.tokenizer import Tokenizer, base_tokenizer_file, train_bpe
 from mcjax.errors import ConfigError, DataError
 
 BATCH_ROWS = 4096  # rows per Arrow record batch
@@ -174,7 +179,29 @@ def _tokenizer(cfg: Config, train_docs: list[Document]) -> Tokenizer:
             f"{cfg.source_file}: dataset.vocab_size: {d.vocab_size} is smaller than the "
             f"{tok.vocab_size} tokens of {d.tokenizer}"
         )
+    check_base_vocab(cfg, tok)
     return tok
+
+
+def check_base_vocab(cfg: Config, tok: Tokenizer) -> None:
+    """ConfigError (one line) when a pretrained base would read `tok`'s ids as other tokens: some
+    token of `tok` (dataset.tokenizer, or the prepared data's copy of it) has another id in the
+    base's own tokenizer, or none. Nothing to check for the GPT, or when dataset.tokenizer is the
+    base's own (the prepared data's fingerprint then follows the base)."""
+    if not cfg.pretrained:
+        return
+    own = base_tokenizer_file(base_model_dir(cfg))
+    named = Path(os.path.expanduser(cfg.dataset.tokenizer))
+    if not own.is_file() or named.absolute() == own.absolute():
+        return
+    base = Tokenizer.load(own).hf.get_vocab(with_added_tokens=True)
+    for token, i in sorted(tok.hf.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]):
+        if base.get(token) != i:
+            there = f"id {base[token]}" if token in base else "not in it"
+            raise ConfigError(
+                f"{cfg.source_file}: dataset.tokenizer: {cfg.dataset.tokenizer} does not match the vocabulary of the "
+                f"base ({own}): its token {i} {token!r} is {there} (leave dataset.tokenizer unset to use the base's)"
+            )
 
 
 def document_streams(tok: Tokenizer, docs: list[Document]) -> list[np.ndarray]:
@@ -250,6 +277,7 @@ class Mixed:
     rows: np.ndarray  # [n, T+1]
     task: np.ndarray  # int8 [n]: 0 = natural text, 1 + TASKS.index
     answer_tokens: np.ndarray  # int16 [n]: the answer is the row's last answer_tokens tokens
+    needle: np.ndarray  # int32 [n]: the first token of the fact a task row's question asks about; −1 natural
     natural_rows: int
     task_rows: dict[str, int]
 
@@ -267,28 +295,30 @@ def _mix_tasks(cfg: Config, tok: Tokenizer, name: str, natural: np.ndarray) -> M
     counts = {t: round(n * d.tasks[t] / (1 if whole else 1 - total)) for t in TASKS if t in d.tasks}
     keep = natural[:0] if whole else natural
     parts, tasks, answers = [keep], [np.zeros(len(keep), np.int8)], [np.zeros(len(keep), np.int16)]
+    needles = [np.full(len(keep), -1, np.int32)]
     for t, k in counts.items():
         try:
-            r, a = task_rows(tok, filler, t, k, d.context_tokens + 1, seed=seed, stream=stream)
+            r, a, at = task_rows(tok, filler, t, k, d.context_tokens + 1, seed=seed, stream=stream)
         except ValueError as e:
             raise ConfigError(f"{cfg.source_file}: dataset.tasks.{t}: {e}: dataset.context_tokens is too small") from None
         parts.append(r)
         tasks.append(np.full(k, 1 + TASKS.index(t), np.int8))
         answers.append(a)
+        needles.append(at)
     size = sum(map(len, parts))
     if size == 0:
         raise DataError(f"{cfg.source_file}: dataset.tasks: split {name} gets no rows ({n} natural rows, all dropped)")
     perm = np.random.default_rng((seed, stream)).permutation(size)
     return Mixed(np.concatenate(parts)[perm], np.concatenate(tasks)[perm], np.concatenate(answers)[perm],
-                 len(keep), counts)
+                 np.concatenate(needles)[perm], len(keep), counts)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
 def write_arrow(path: Path, rows: np.ndarray, *, cfg: Config, tok: Tokenizer, mixed: Mixed | None = None) -> None:
-    """Write `[n, T+1]` rows as an Arrow IPC file, column `tokens` (with `mixed`, also `task`
-    and `answer_tokens` from it), ≤ BATCH_ROWS per batch."""
+    """Write `[n, T+1]` rows as an Arrow IPC file, column `tokens` (with `mixed`, also `task`,
+    `answer_tokens` and `needle` from it), ≤ BATCH_ROWS per batch."""
     d = cfg.dataset
     width = d.context_tokens + 1
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
@@ -301,7 +331,7 @@ def write_arrow(path: Path, rows: np.ndarray, *, cfg: Config, tok: Tokenizer, mi
     }
     fields = [pa.field("tokens", pa.list_(value_type, width))]
     if mixed is not None:
-        fields += [pa.field("task", pa.int8()), pa.field("answer_tokens", pa.int16())]
+        fields += [pa.field("task", pa.int8()), pa.field("answer_tokens", pa.int16()), pa.field("needle", pa.int32())]
     schema = pa.schema(fields, metadata=metadata)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for start in range(0, len(rows), BATCH_ROWS):
@@ -309,7 +339,8 @@ def write_arrow(path: Path, rows: np.ndarray, *, cfg: Config, tok: Tokenizer, mi
             chunk = rows[start:end].astype(dtype).reshape(-1)
             cols = [pa.FixedSizeListArray.from_arrays(pa.array(chunk, type=value_type), width)]
             if mixed is not None:
-                cols += [pa.array(mixed.task[start:end]), pa.array(mixed.answer_tokens[start:end])]
+                cols += [pa.array(mixed.task[start:end]), pa.array(mixed.answer_tokens[start:end]),
+                         pa.array(mixed.needle[start:end])]
             writer.write_batch(pa.record_batch(cols, schema=schema))
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,31 +71,34 @@ def texts(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
     raise ValueError(f"unknown task {task!r}: choose from passkey, kv")
 
 
-def _pieces(task: str, rng: np.random.Generator) -> tuple[list[str], str, str]:
-    """(facts, question, answer) of one row of `task`: the strings of the module doc."""
+def _pieces(task: str, rng: np.random.Generator) -> tuple[list[str], str, str, int]:
+    """(facts, question, answer, which fact is asked) of one row of `task`: the strings of the module doc."""
     if task == "passkey":
         needle, question, answer = texts(task, rng)
-        return [needle], question, answer
+        return [needle], question, answer, 0
     if task == "kv":
         words = rng.choice(len(WORDS), KV_FACTS, replace=False)
         numbers = 1_000_000 + rng.choice(9_000_000, KV_FACTS, replace=False)
         facts = [_kv(WORDS[w], int(v))[0] for w, v in zip(words, numbers)]
         asked = int(rng.integers(KV_FACTS))
-        return facts, *_kv(WORDS[words[asked]], int(numbers[asked]))[1:]
+        return facts, *_kv(WORDS[words[asked]], int(numbers[asked]))[1:], asked
     names = [WORDS[w].replace("-", "_") for w in rng.choice(len(WORDS), VARTRACK_FACTS, replace=False)]  # vartrack
     values = 100 + rng.choice(9_900, VARTRACK_FACTS, replace=False)
     asked = int(rng.integers(VARTRACK_FACTS))
-    return [f"\nlet {n} = {v};\n" for n, v in zip(names, values)], f"\nassert {names[asked]} ==", f" {values[asked]}"
+    return [f"\nlet {n} = {v};\n" for n, v in zip(names, values)], f"\nassert {names[asked]} ==", f" {values[asked]}", asked
+
+
+class TaskRows(NamedTuple):
+    rows: np.ndarray  # int32 [count, tokens_per_row]
+    answer_tokens: np.ndarray  # int16 [count]: row i's answer is its last answer_tokens[i] tokens
+    needle: np.ndarray  # int32 [count]: index of the first token of the fact the question asks about
 
 
 def task_rows(tokenizer: Tokenizer, filler: np.ndarray, task: str, count: int, tokens_per_row: int, *,
-              seed: int, stream: int, keys: Sequence[tuple[int, ...]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+              seed: int, stream: int, keys: Sequence[tuple[int, ...]] | None = None) -> TaskRows:
     """`count` rows of `task` (module doc) from `filler` int [N] (text tokens, no <|bos|>);
-    row i's generator is keyed by keys[i] (default (i,)).
-
-    Returns (rows int32 [count, tokens_per_row], answer_tokens int16 [count]): row i's answer
-    is its last answer_tokens[i] tokens. ValueError when a row cannot hold <|bos|>, the facts,
-    the question and the answer, or when there is no filler to draw from.
+    row i's generator is keyed by keys[i] (default (i,)). ValueError when a row cannot hold
+    <|bos|>, the facts, the question and the answer, or when there is no filler to draw from.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
@@ -102,11 +106,12 @@ def task_rows(tokenizer: Tokenizer, filler: np.ndarray, task: str, count: int, t
     if len(keys) != count:
         raise ValueError(f"{len(keys)} keys for {count} rows")
     rngs = [np.random.default_rng((seed, stream, TASKS.index(task), *key)) for key in keys]
-    drawn = [_pieces(task, rng) for rng in rngs]
-    ids = iter(np.asarray(x, np.int32) for x in tokenizer.encode_batch([s for f, q, a in drawn for s in (*f, q, a)]))
+    drawn = [_pieces(task, rng) for rng in rngs]  # (facts, question, answer, index of the asked fact)
+    ids = iter(np.asarray(x, np.int32) for x in tokenizer.encode_batch([s for f, q, a, _ in drawn for s in (*f, q, a)]))
     rows = np.empty((count, tokens_per_row), np.int32)
     answers = np.empty(count, np.int16)
-    for i, (rng, (facts, _, _)) in enumerate(zip(rngs, drawn)):
+    needles = np.empty(count, np.int32)
+    for i, (rng, (facts, _, _, asked)) in enumerate(zip(rngs, drawn)):
         fact_ids = [next(ids) for _ in facts]
         q_ids, a_ids = next(ids), next(ids)
         room = tokens_per_row - 1 - sum(map(len, fact_ids)) - len(q_ids) - len(a_ids)
@@ -119,8 +124,11 @@ def task_rows(tokenizer: Tokenizer, filler: np.ndarray, task: str, count: int, t
         fill = np.take(filler, np.arange(start, start + room), mode="wrap").astype(np.int32)
         at = np.sort(rng.integers(0, room + 1, len(facts)))
         parts = [np.array([tokenizer.bos_id], np.int32)]
-        for lo, hi, f in zip([0, *at[:-1]], at, fact_ids):
-            parts += [fill[lo:hi], f]
+        for j, (lo, hi, f) in enumerate(zip([0, *at[:-1]], at, fact_ids)):
+            parts.append(fill[lo:hi])
+            if j == asked:
+                needles[i] = sum(map(len, parts))
+            parts.append(f)
         rows[i] = np.concatenate([*parts, fill[at[-1]:], q_ids, a_ids])
         answers[i] = len(a_ids)
-    return rows, answers
+    return TaskRows(rows, answers, needles)

@@ -1,11 +1,13 @@
 """A small byte-level BPE tokenizer: a thin wrapper over HF `tokenizers`.
 
 `train_bpe(texts, vocab_size)` trains deterministically (same texts → byte-identical
-tokenizer.json); `Tokenizer.load(path)` reads a local tokenizer.json. Id 0 is `<|bos|>`,
-which prep puts before every document; `<|pad|>` is reserved.
+tokenizer.json); `Tokenizer.load(path)` reads a local tokenizer.json, or the tokenizer a .gguf
+file describes (`gguf_tokenizer.py`). Id 0 is `<|bos|>`, which prep puts before every document;
+`<|pad|>` is reserved.
 
-A pretrained model's tokenizer.json has its own document-start token: the `bos_token` of a
-tokenizer_config.json beside it, else the first of `BOS_FALLBACKS` it has (Llama 3's
+A pretrained model's tokenizer has its own document-start token: the `bos_token` of a
+tokenizer_config.json beside it, else the token its post-processor puts first (a GGUF's BOS
+when its `add_bos_token` is true), else the first of `BOS_FALLBACKS` it has (Llama 3's
 `<|begin_of_text|>`, Llama 2's `<s>`, SmolLM's and Qwen's `<|endoftext|>`).
 """
 
@@ -19,11 +21,24 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mcjax.errors import DataError
+from mcjax.model.gguf_base import is_gguf
 
 BOS = "<|bos|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (BOS, PAD)
 BOS_FALLBACKS = (BOS, "<|begin_of_text|>", "<s>", "<|endoftext|>")
+
+
+def base_tokenizer_file(base: str | Path) -> Path:
+    """The tokenizer a pretrained base brings: a .gguf file's own, or DIR/tokenizer.json."""
+    return Path(base) if is_gguf(base) else Path(base) / "tokenizer.json"
+
+
+def _template_bos(hf: tokenizers.Tokenizer) -> str | None:
+    """The special token a TemplateProcessing post-processor puts before a single text."""
+    post = json.loads(hf.to_str()).get("post_processor") or {}
+    first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
+    return first.get("SpecialToken", {}).get("id")
 
 
 def _configured_bos(path: Path) -> str | None:
@@ -45,16 +60,24 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Read a tokenizer.json; DataError naming the path if it is missing or invalid."""
+        """Read a tokenizer.json or a .gguf's tokenizer; DataError naming the path if it is
+        missing or invalid."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: tokenizer file not found")
-        try:
-            hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception on bad JSON
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{path}: not a valid tokenizer.json: {first}") from None
-        candidates = [b for b in (_configured_bos(path), *BOS_FALLBACKS) if b]
+        configured = None
+        if is_gguf(path):
+            from mcjax.data import gguf_tokenizer
+
+            hf = gguf_tokenizer.build(path)
+        else:
+            try:
+                hf = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises plain Exception on bad JSON
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"{path}: not a valid tokenizer.json: {first}") from None
+            configured = _configured_bos(path)
+        candidates = [b for b in (configured, _template_bos(hf), *BOS_FALLBACKS) if b]
         bos = next((b for b in candidates if hf.token_to_id(b) is not None), None)
         if bos is None:
             raise DataError(f"{path}: tokenizer has no document-start token (none of {', '.join(dict.fromkeys(candidates))})")

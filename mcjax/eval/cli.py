@@ -180,7 +180,9 @@ def main(args) -> None:
     meta = {"run": run.run_dir.name, "step": run.step, "date": time.strftime("%Y-%m-%d"),
             "trained_context": cfg.dataset.context_tokens,
             "device": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
-            "model": f"d{cfg.base_model.depth} GPT ({cfg.model_dim} wide, vocab {cfg.dataset.vocab_size:,}), "
+            "model": (f"{cfg.base_model.name} (frozen, LoRA rank {cfg.lora.rank}; {cfg.base_model.depth} layers, "
+                      if cfg.pretrained else f"d{cfg.base_model.depth} GPT (")
+                     + f"{cfg.model_dim} wide, vocab {cfg.dataset.vocab_size:,}), "
                      f"trained at T = {cfg.dataset.context_tokens:,}, W_max = {cfg.wc_capacity:,}; "
                      f"eval tail {plan.tail} tokens, horizons {list(plan.horizons)}",
             "data": "; ".join(f"{d.name}: {len(d.stream):,} tokens ({d.source})" for d in datasets)}

@@ -1,13 +1,18 @@
 """Focus quality at equal budget: does LensNet's focus beat keeping the most recent tokens?
 
 For each W_max and dataset, rows of W_max tokens are compressed to the budget
-eval.focus_target × W_max by four policies and scored against the full context (ΔNLL@H,
+eval.focus_target × W_max by these policies and scored against the full context (ΔNLL@H,
 as in `delta.py`):
   lensnet  the layout the runtime engine holds after ingesting the row (LensNet + the
            focus allocator, `policies.lensnet_layouts`); its entry count is the row's
-           budget for the other three, so every policy spends at most the same entries;
+           budget for the others, so every policy spends at most the same entries;
   recency  the most recent blocks raw, older ones in gists;
   random   uniformly random compression;
+  attention  the training-free rival: the gists the base attends to most from the raw
+           tail expanded into the budget (`policies.scored_fill`, megacontext.rival_layers);
+  lensnet_dropped, recency_dropped  the lensnet and recency layouts read with every gist
+           left out (the base's read gate shut): a gist that helps makes its layout beat
+           its dropped twin, one that hurts loses to it;
   oracle   counterfactual search on the first eval.oracle_rows rows: from the floor
            layout, eval.oracle_rounds greedy rounds each score every single expansion
            (a LOD1 gist back to its tokens, or a LOD2 gist to its K gists: K − 1 entries
@@ -36,7 +41,8 @@ from mcjax.eval.result import SuiteResult, table
 from mcjax.eval.setup import Plan
 from mcjax.megacontext.layout import entry_count
 
-POLICIES = ("lensnet", "recency", "random", "oracle")
+POLICIES = ("lensnet", "recency", "random", "attention", "lensnet_dropped", "recency_dropped", "oracle")
+DROPPED = {"lensnet_dropped": "lensnet", "recency_dropped": "recency"}  # read with the gists left out
 COLUMNS = {
     "w_max": pa.int32(), "dataset": pa.string(), "policy": pa.string(), "row": pa.int32(), "budget": pa.int32(),
     "entries": pa.int32(), "horizon": pa.int32(), "nll": pa.float64(), "nll_full": pa.float64(),
@@ -115,15 +121,21 @@ def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
                 "recency": np.stack([P.recency(n1, k, tb, b, plan.max_lod) for b in budgets]),
                 "random": np.stack([P.random(np.random.default_rng((ev.seed, salt, length, r)), n1, k, tb, b, plan.max_lod)
                                     for r, b in enumerate(budgets)]),
+                "attention": P.scored_fill(plan, rows, np.array(budgets), "attention", progress=bar.update),
             }
             ref = scorer.tail_nll(rows, P.full(n1), bar.update)[:, 0]
             nll = {p: scorer.tail_nll(rows, x[:, None], bar.update)[:, 0] for p, x in layouts.items()}
+            for p, of in DROPPED.items():
+                layouts[p] = layouts[of]
+                nll[p] = scorer.tail_nll(rows, layouts[of][:, None], bar.update, drop_gists=True)[:, 0]
             n_or = min(ev.oracle_rows, len(rows))
             found = [oracle(scorer, rows[r], budgets[r], h_o, ev.oracle_rounds, bar) for r in range(n_or)]
             if n_or:
                 o_nll = scorer.tail_nll(rows[:n_or], np.stack(found)[:, None], bar.update)[:, 0]
                 o_lod = np.stack(found)
-                for p in layouts:  # the best layout measured on the row
+                for p in layouts:  # the best layout measured on the row (as read with its gists)
+                    if p in DROPPED:
+                        continue
                     mine = horizon_mean(nll[p][:n_or], h_o) < horizon_mean(o_nll, h_o)
                     o_nll = np.where(mine[:, None], nll[p][:n_or], o_nll)
                     o_lod = np.where(mine[:, None], layouts[p][:n_or], o_lod)

@@ -25,6 +25,7 @@ import numpy as np
 
 from mcjax.eval.setup import Plan, derive
 from mcjax.megacontext.layout import entry_count
+from mcjax.model.gistnet import base_heads
 from mcjax.model.xent import token_nll
 from mcjax.train.mc_step import MCForward
 
@@ -47,7 +48,8 @@ class Scorer:
         key = (plan.run.model, repr(sorted(cfg.to_dict().items())))
         if key not in _PROGRAMS:
             fw = MCForward(plan.run.model, cfg)
-            _PROGRAMS[key] = jax.jit(lambda p, t, lay, cap: _tail_nll(fw, plan.tail, p, t, lay, cap), static_argnums=3)
+            _PROGRAMS[key] = jax.jit(lambda p, t, lay, cap, drop: _tail_nll(fw, plan.tail, p, t, lay, cap, drop),
+                                     static_argnums=(3, 4))
         self._fn = _PROGRAMS[key]
 
     def width(self, layouts: np.ndarray) -> int:
@@ -56,9 +58,11 @@ class Scorer:
         bucket = max(self.plan.k, self.length // 8)
         return min(self.length, -(-most // bucket) * bucket)
 
-    def tail_nll(self, rows: np.ndarray, layouts: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def tail_nll(self, rows: np.ndarray, layouts: np.ndarray, progress: Callable[[int], None] | None = None,
+                 drop_gists: bool = False) -> np.ndarray:
         """rows int [R, L+1]; layouts int8 [R, M, N1] (or [M, N1] / [N1]: the same for every
-        row). -> f32 [R, M, tail] (see the module doc). `progress(rows)` after each call."""
+        row). -> f32 [R, M, tail] (see the module doc). `progress(rows)` after each call.
+        drop_gists: the base reads no gist (its read gate shut): the layout's raw entries alone."""
         rows = np.asarray(rows)
         layouts = np.asarray(layouts, np.int8)
         if layouts.ndim == 1:
@@ -73,7 +77,8 @@ class Scorer:
             cols = np.minimum(np.arange(j, j + mc), m - 1)
             for start in range(0, r, per_call):
                 idx = np.minimum(np.arange(start, start + per_call), r - 1)
-                got = np.asarray(self._fn(self.params, jnp.asarray(rows[idx]), jnp.asarray(layouts[idx][:, cols]), cap))
+                got = np.asarray(self._fn(self.params, jnp.asarray(rows[idx]), jnp.asarray(layouts[idx][:, cols]), cap,
+                                          drop_gists))
                 n, w = min(per_call, r - start), min(mc, m - j)
                 out[start : start + n, j : j + w] = got[:n, :w]
                 if progress is not None and j + mc >= m:
@@ -81,12 +86,14 @@ class Scorer:
         return out
 
 
-def _tail_nll(fw: MCForward, tail: int, params, tokens, layouts, capacity: int):
+def _tail_nll(fw: MCForward, tail: int, params, tokens, layouts, capacity: int, drop: bool = False):
     """tokens int [R, L+1], layouts int8 [R, M, N1] -> f32 [R, M, tail] (see the module doc)."""
     r, m, _ = layouts.shape
     wc = fw.assemble(fw.tree(params, tokens), layouts, capacity)  # [R·M, capacity]
     gpt = {"params": params["gpt"]}
-    hidden = fw.gpt.apply(gpt, embeddings=wc.emb, positions=wc.pos, spans=wc.span if fw.gaussian else None)
+    gate = (jnp.full((fw.gpt.depth, base_heads(fw.cfg)), -1e9), wc.lod > 0) if drop else fw.gist_gate(params, wc)
+    hidden = fw.gpt.apply(gpt, embeddings=wc.emb, positions=wc.pos, spans=wc.span if fw.gaussian else None,
+                          gist_gate=gate)
     idx = wc.valid.sum(-1)[:, None] - tail + jnp.arange(tail)  # the tail: the last `tail` entries, all raw
     h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
     targets = jnp.take_along_axis(jnp.repeat(tokens, m, axis=0), jnp.take_along_axis(wc.pos, idx, axis=1) + 1, axis=1)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from mcjax.telemetry.plots import _save_atomic
 
-MARKERS = {"lod1": "o", "lod2": "s", "random": "^", "lensnet": "*", "recency": "v", "oracle": "D"}
+MARKERS = {"lod1": "o", "lod2": "s", "random": "^", "lensnet": "*", "recency": "v", "oracle": "D", "attention": "P"}
 
 
 def _figure(width=8.0, height=5.0, panels=1) -> tuple[Figure, list]:
@@ -64,10 +64,11 @@ def delta_scatter(sweep: pa.Table, horizon: int, path: Path, trained_context: in
 
 def focus_bars(summary: list[dict], path: Path) -> Path:
     fig, (ax,) = _figure(max(6.0, 2.5 * len(summary)))
-    policies = ("lensnet", "recency", "random", "oracle")
-    x = np.arange(len(summary))
+    policies = ("lensnet", "recency", "random", "attention", "lensnet_dropped", "oracle")
+    x, width = np.arange(len(summary)), 0.8 / len(policies)
     for i, p in enumerate(policies):
-        ax.bar(x + (i - 1.5) * 0.2, [s["delta_nll"][p] for s in summary], width=0.2, label=p)
+        ax.bar(x + (i - (len(policies) - 1) / 2) * width, [s["delta_nll"].get(p, np.nan) for s in summary], width=width,
+               label=p)
     ax.set_xticks(x, [f"{s['dataset']}\nW={s['w_max']}, {s['budget']:.0f} entries" for s in summary])
     ax.set_ylabel(f"ΔNLL@{summary[0]['horizon']} (nats/token)" if summary else "ΔNLL")
     ax.set_title("Focus at equal budget (lower is better)")

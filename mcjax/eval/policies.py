@@ -125,3 +125,61 @@ def lensnet_layouts(plan: Plan, rows: np.ndarray, budget: int, progress: Callabl
         if progress is not None:
             progress(len(group))
     return out
+
+
+_FILL_PROGRAMS: dict = {}
+
+
+def scored_fill(plan: Plan, rows: np.ndarray, budgets, scorer: str, passes: int = 2,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Layouts chosen in one shot by a per-entry scorer within each row's budget (an int, or
+    int [R]; each at least the floor's entries): from the floor,
+    `passes` times assemble the working context, score its entries and let the focus
+    allocator's fill expand the best-scored gists into the budget (no thresholds, no swaps).
+    scorer: "lensnet" (the run's LensNet) or "attention" (the training-free rival,
+    `megacontext/attention_rival.py`: the base's attention mass from the raw tail, over
+    megacontext.rival_layers). rows int [R, L+1] -> int8 [R, L/K]."""
+    import dataclasses as dc
+
+    import jax
+    import jax.numpy as jnp
+
+    from mcjax.megacontext.allocator import AllocatorParams, fill_units, never_changed, refocus
+    from mcjax.train.mc_step import MCForward
+
+    length = rows.shape[1] - 1
+    k, tb = plan.k, plan.tail // plan.k
+    n1 = length // k
+    budgets = np.broadcast_to(np.asarray(budgets, np.int32), (len(rows),))
+    budget = int(budgets.max())  # the working contexts' width; each row fills to its own budget
+    cfg = derive(plan.cfg, {"dataset.context_tokens": length, "megacontext.wc_capacity": budget,
+                            "megacontext.recent_tokens": plan.tail})
+    key = (plan.run.model, scorer, repr(sorted(cfg.to_dict().items())))
+    if key not in _FILL_PROGRAMS:
+        fw = MCForward(plan.run.model, cfg)
+        alloc = AllocatorParams(k=k, w_max=budget, recent_tokens=plan.tail, max_lod=plan.max_lod, max_replacements=1,
+                                expand_threshold=2.0, collapse_threshold=2.0, cooldown_steps=0, iterations=1,
+                                fill_units=fill_units(budget, k))
+
+        def one_pass(params, tokens, lod, limit):
+            wc = fw.assemble(fw.tree(params, tokens), lod[:, None], budget)  # [R, budget]
+            scores = fw.scores(params, wc) if scorer == "lensnet" else fw.rival_scores(params, wc)
+            def move(lod, wc, scores, limit):
+                return refocus(lod, wc, scores, never_changed(n1), 0, jax.random.key(0), dc.replace(alloc, w_max=limit))[0]
+
+            return jax.vmap(move)(lod, wc, scores, limit)
+
+        _FILL_PROGRAMS[key] = jax.jit(one_pass)
+    step = _FILL_PROGRAMS[key]
+    out = np.empty((len(rows), n1), np.int8)
+    batch = max(1, plan.ev.batch)
+    for lo in range(0, len(rows), batch):
+        idx = np.minimum(np.arange(lo, lo + batch), len(rows) - 1)  # fixed-size calls: the last padded
+        lod = jnp.asarray(np.stack([floor(n1, k, tb, int(b), plan.max_lod) for b in budgets[idx]]))
+        for _ in range(passes):
+            lod = step(plan.run.params, jnp.asarray(rows[idx]), lod, jnp.asarray(budgets[idx]))
+        n = min(batch, len(rows) - lo)
+        out[lo : lo + n] = np.asarray(lod)[:n]
+        if progress is not None:
+            progress(n)
+    return out

@@ -151,11 +151,14 @@ def markdown(meta: dict, suites: dict[str, dict], accept: list[dict]) -> str:
                   "all rows, then over the rows the oracle searched (\"there\"). Recovered = (recency − "
                   "lensnet) / (recency − oracle) on those rows: 1 = LensNet finds all the oracle's gain, "
                   "< 0 = LensNet does worse than recency.", ""]
-        lines += _table(["W_max", "dataset", "budget", "lensnet", "recency", "random", "oracle rows",
+        shown = ("lensnet", "recency", "random", "attention", "lensnet_dropped", "recency_dropped")
+        lines += _table(["W_max", "dataset", "budget", *shown, "oracle rows",
                          "lensnet there", "recency there", "oracle there", "recovered"],
-                        [[r["w_max"], r["dataset"], r["budget"], *[r["delta_nll"][p] for p in ("lensnet", "recency", "random")],
+                        [[r["w_max"], r["dataset"], r["budget"], *[r["delta_nll"].get(p) for p in shown],
                           r["oracle_rows"], *[r["delta_nll_oracle_rows"][p] for p in ("lensnet", "recency", "oracle")],
                           r["recovered"]] for r in f["rows"]])
+        lines += ["attention: the training-free rival (the gists the base attends to most from the raw tail); "
+                  "*_dropped: the same layout read with every gist left out.", ""]
         lines += ["![focus](focus.png)", ""]
     if "retrieval" in suites:
         r = suites["retrieval"]["summary"]["rows"]

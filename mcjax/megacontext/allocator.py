@@ -34,6 +34,15 @@ ceil(recent_tokens / K) blocks, one more while the last block is partly filled),
    (`lax.top_k` with k = max_replacements) and accepted in order while the running total
    of entries (a cumulative sum of their K − 1 costs) stays ≤ W_max.
 
+Then the *fill* (when `fill_units` > 0): the budget is there to be used, so after the
+rounds the best-ranked eligible expand units — thresholds ignored, ties broken toward the
+most recent blocks — are expanded while the layout stays within min(fill_to, W_max)
+entries (at most `fill_units` of them; the runtime fills to W_max − R − collapse margin).
+Thresholds and cooldown decide which swaps are worth their churn; the fill only spends
+what the budget leaves, so a LensNet with nothing to say
+degrades to recency, never below it, and the working context holds ≥ fill_to − (K − 1)
+entries whenever enough free gists exist.
+
 Edits are applied with scatters on `block_lod` (a superblock edit writes its K blocks);
 changed blocks get `last_changed = step` and are frozen for the rest of the refocus, so
 the per-block scores computed once from the input WC stay valid for every unit that can
@@ -84,14 +93,17 @@ class AllocatorParams:
     iterations: int = 2  # rounds per refocus
     policy: Literal["greedy", "stochastic"] = "greedy"
     temperature: float = 1.0  # Gumbel noise scale (stochastic)
+    fill_units: int = 0  # most fill expansions per refocus (static); 0 = no fill
+    fill_to: int = 2**30  # the fill expands while the layout stays within min(fill_to, w_max) entries
 
     @classmethod
     def from_config(cls, cfg) -> AllocatorParams:
         """From a validated `mcjax.config.Config` (dataset, megacontext, allocator sections)."""
         a, mc = cfg.allocator, cfg.megacontext
+        k, w = cfg.dataset.block_size, cfg.wc_capacity
         return cls(
-            k=cfg.dataset.block_size,
-            w_max=cfg.wc_capacity,
+            k=k,
+            w_max=w,
             recent_tokens=mc.recent_tokens,
             max_lod=mc.max_lod,
             max_replacements=a.max_replacements,
@@ -101,6 +113,7 @@ class AllocatorParams:
             iterations=a.iterations,
             policy=a.policy,
             temperature=a.temperature,
+            fill_units=fill_units(w, k) if a.fill else 0,
         )
 
 
@@ -114,9 +127,15 @@ jax.tree_util.register_dataclass(
         "collapse_threshold",
         "cooldown_steps",
         "temperature",
+        "fill_to",
     ],
-    meta_fields=["k", "max_replacements", "iterations", "policy"],
+    meta_fields=["k", "max_replacements", "iterations", "policy", "fill_units"],
 )
+
+
+def fill_units(w_max: int, k: int) -> int:
+    """Enough fill expansions to take an empty budget of `w_max` entries to full in one refocus."""
+    return -(-w_max // max(k - 1, 1))
 
 
 class UnitScores(NamedTuple):
@@ -139,6 +158,7 @@ class _State(NamedTuple):
     num_expands: jnp.ndarray  # int32 []
     num_collapses: jnp.ndarray  # int32 [], forced ones included
     num_forced: jnp.ndarray  # int32 []
+    num_fills: jnp.ndarray  # int32 [], the fill's expands (counted in num_expands too)
 
 
 # ----------------------------------------------------------------------------- scores and masks
@@ -265,6 +285,23 @@ def _expand(state: _State, us: UnitScores, expandable, noise, step, p: Allocator
     return state._replace(num_expands=state.num_expands + _count(take))
 
 
+def _fill(state: _State, us: UnitScores, expandable, noise, step, p: AllocatorParams) -> _State:
+    """Up to `fill_units` expands, thresholds ignored, best first (ties: the most recent
+    unit first), while the layout stays within min(fill_to, W_max) entries."""
+    m, k = expandable.shape[0], p.k
+    n1 = state.lod.shape[0]
+    units = jnp.arange(m)
+    last_block = jnp.where(units < n1, units, (units - n1 + 1) * k - 1)  # a superblock's last block
+    rank = jnp.where(expandable, us.expand + noise, -jnp.inf)
+    _, _, order = jax.lax.sort((-rank, -last_block, units), num_keys=2)
+    top = order[: min(p.fill_units, m)]
+    cost = expandable[top] * (k - 1)
+    limit = jnp.minimum(p.fill_to, p.w_max)
+    take = expandable[top] & (entries(state.lod, k, state.length) + jnp.cumsum(cost) <= limit)
+    state = _scatter(state, top, take, 0, 1, step, k)
+    return state._replace(num_expands=state.num_expands + _count(take), num_fills=state.num_fills + _count(take))
+
+
 def _round(i, state: _State, us: UnitScores, step, key, p: AllocatorParams) -> _State:
     """Round i of a refocus: collapses (forced ones included), then expands on the result."""
     m = us.expand.shape[0]
@@ -306,7 +343,7 @@ def refocus(
 
     Returns (new_block_lod int8 [N1], new_last_changed int32 [N1], stats) with stats a dict
     of scalars: num_expands, num_collapses (actions; a superblock edit counts once; forced
-    collapses included), num_forced_collapses, blocks_changed, entries_before,
+    collapses and fills included), num_forced_collapses, num_fills, blocks_changed, entries_before,
     entries_after (int32), swap_rate = (num_expands + num_collapses) / complete blocks
     (N1 in training) and
     token_budget_utilization = entries_after / W_max (f32).
@@ -317,14 +354,20 @@ def refocus(
     step = jnp.asarray(step, jnp.int32)
     us = unit_scores(wc, scores, n1, k)
     zero = jnp.zeros((), jnp.int32)
-    state = _State(lod, length, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero)
+    state = _State(lod, length, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero, zero)
     # unrolled: a handful of rounds, and no device loop whose condition the host must read
     state = jax.lax.fori_loop(0, params.iterations, lambda i, s: _round(i, s, us, step, key, params), state, unroll=True)
+    if params.fill_units:
+        free = free_blocks(state.last_changed, state.changed, step, params, state.length)
+        expandable, _ = eligible_units(state.lod, free, params)
+        noise = _ranking_noise(jax.random.fold_in(key, params.iterations), us.expand.shape[0], params)
+        state = _fill(state, us, expandable, noise, step, params)
     before, after = entries(lod, k, length), entries(state.lod, k, length)
     stats = {
         "num_expands": state.num_expands,
         "num_collapses": state.num_collapses,
         "num_forced_collapses": state.num_forced,
+        "num_fills": state.num_fills,
         "blocks_changed": _count(state.changed),
         "entries_before": before,
         "entries_after": after,

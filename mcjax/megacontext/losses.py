@@ -100,16 +100,21 @@ def pearson(x: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray, axis=-1) -> jnp.n
     return jnp.where(var > 1e-12, cov / jnp.sqrt(jnp.maximum(var, 1e-12)), jnp.nan)
 
 
-def ema_update(stats: dict, values: jnp.ndarray, decay: float) -> dict:
-    """Fold a batch of values into running bias-corrected mean/variance accumulators.
+def ema_update(stats: dict, values: jnp.ndarray, decay: float, mask: jnp.ndarray | None = None) -> dict:
+    """Fold a batch of values (those where `mask`, if given) into running bias-corrected
+    mean/variance accumulators; a batch with nothing in the mask leaves them as they are.
 
     stats: {"mean", "sq", "count"} f32 scalars (raw EMA of x and x², steps folded in).
     """
-    return {
-        "mean": decay * stats["mean"] + (1 - decay) * values.mean(),
-        "sq": decay * stats["sq"] + (1 - decay) * jnp.mean(values * values),
+    if mask is None:
+        mask = jnp.ones(values.shape, bool)
+    seen = mask.any()
+    new = {
+        "mean": decay * stats["mean"] + (1 - decay) * masked_mean(values, mask),
+        "sq": decay * stats["sq"] + (1 - decay) * masked_mean(values * values, mask),
         "count": stats["count"] + 1.0,
     }
+    return jax.tree.map(lambda n, o: jnp.where(seen, n, o), new, stats)
 
 
 def ema_moments(stats: dict, decay: float) -> tuple[jnp.ndarray, jnp.ndarray]:

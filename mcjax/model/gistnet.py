@@ -140,6 +140,10 @@ class GistNet(nn.Module):
     # A learned scalar `scale` [] on the unit-RMS gists, for a pretrained base that reads raw
     # embeddings (its token rows are far from unit RMS); training sets it to their RMS at init.
     scaled: bool = False
+    # The base's read gate on gists: a learned offset `read_gate` [L, N] (zero at init) to the
+    # attention-logit bias every layer and head of the base adds toward gist entries (`read_bias`);
+    # () = no gate.
+    read_gate: tuple[int, ...] = ()
 
     def check(self) -> None:
         """Raise ValueError for an invalid combination of fields (trace-time, host only)."""
@@ -209,7 +213,18 @@ class GistNet(nn.Module):
         if self.scaled:  # a pretrained base's raw embeddings are not unit-RMS: a learned scale
             y = y * self.param("scale", nn.initializers.ones, (), jnp.float32).astype(y.dtype)
         y = jnp.where(mask.any(axis=-1, keepdims=True), y, 0).astype(self.dtype)
+        if self.read_gate:
+            self.param("read_gate", nn.initializers.zeros, self.read_gate, jnp.float32)  # read by `read_bias`
         return y.reshape(*lead, d)
+
+
+def read_bias(gistnet_params: dict, init: float) -> jnp.ndarray | None:
+    """The base's attention-logit bias toward gist entries, f32 [L, N]: `init` (gistnet.read_gate_init,
+    e.g. −8: a gist weighs e⁻⁸ of a raw key with the same logit, about as if its span were left
+    out) plus the learned offset; None when the GistNet has no read gate."""
+    if "read_gate" not in gistnet_params:
+        return None
+    return init + gistnet_params["read_gate"].astype(jnp.float32)
 
 
 def build_gistnet(cfg) -> GistNet:
@@ -229,4 +244,14 @@ def build_gistnet(cfg) -> GistNet:
         rope_base=m.rope_base,
         attention=resolve(m.dtype, g.attention).attention,
         scaled=cfg.pretrained,
+        read_gate=(m.depth, base_heads(cfg)) if g.read_gate else (),
     )
+
+
+def base_heads(cfg) -> int:
+    """The base model's query heads: a pretrained base's from its checkpoint, the GPT's D / H."""
+    if cfg.pretrained:
+        from mcjax.model.base import llama_spec
+
+        return llama_spec(cfg).num_heads
+    return cfg.model_dim // cfg.base_model.head_dim

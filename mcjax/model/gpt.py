@@ -64,8 +64,9 @@ def _attn_out_mlp(x, y, wo, w_fc, w_proj):
     return x + h @ w_proj
 
 
-def _layer(x, w, cos, sin, *, head_dim: int, attention: str, remat: str, kv: bool = False):
-    """One pre-norm attention + relu² MLP layer. x [B, T, D]; w: the layer's matrices (compute dtype).
+def _layer(x, w, cos, sin, *, head_dim: int, attention: str, remat: str, kv: bool = False, gist_keys=None):
+    """One pre-norm attention + relu² MLP layer. x [B, T, D]; w: the layer's matrices (compute dtype),
+    and `gist_bias` [N] when gist keys [B, T] are gated (attention.causal_attention's gate).
     With `kv`, also returns the layer's keys and values [B, T, N, H] (a KV-cache prefill).
 
     remat "save_dots" checkpoints the two parts around attention (saving matmul outputs,
@@ -78,7 +79,8 @@ def _layer(x, w, cos, sin, *, head_dim: int, attention: str, remat: str, kv: boo
         attn_in = jax.checkpoint(attn_in, policy=_save_dots_policy())
         attn_out_mlp = jax.checkpoint(attn_out_mlp, policy=_save_dots_policy())
     q, k, v = attn_in(x, w["wq"], w["wk"], w["wv"], cos, sin)
-    y = causal_attention(q, k, v, attention)
+    gate = (w["gist_bias"], gist_keys) if "gist_bias" in w else None
+    y = causal_attention(q, k, v, attention, gate)
     out = attn_out_mlp(x, y, w["wo"], w["w_fc"], w["w_proj"])
     return (out, k, v) if kv else out
 
@@ -142,13 +144,17 @@ class Blocks(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, gist_gate=None):
         ws = layer_params(self, self.dim, self.depth, self.dtype)
+        keys = None
+        if gist_gate is not None:  # the per-layer biases travel with the layers' matrices
+            ws, keys = {**ws, "gist_bias": gist_gate[0].astype(jnp.float32)}, gist_gate[1]
         layer = functools.partial(
             _layer,
             head_dim=self.head_dim,
             attention=self.attention,
             remat="save_dots" if self.remat == "save_dots" else "none",
+            gist_keys=keys,
         )
         if self.remat == "full":
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
@@ -210,6 +216,7 @@ class GPT(nn.Module):
         embeddings: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
         spans: jnp.ndarray | None = None,
+        gist_gate=None,
     ) -> jnp.ndarray:
         """Final normed hidden states [B, T, D].
 
@@ -218,14 +225,15 @@ class GPT(nn.Module):
         RoPE; the default is 0..T-1. `spans` [B, T] (tokens each entry covers) switch to
         Gaussian RoPE (rope.py): gists sit at the centre of their tokens with the fast
         frequencies damped; single tokens are unchanged. Attention is causal over the
-        given order.
+        given order. `gist_gate` (bias f32 [L, N], keys bool [B, T]): layer l's attention
+        logits of head n toward the marked entries (gists) get bias[l, n] added.
         """
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
         b, t, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         cos, sin = rope_angles(positions, self.head_dim, self.rope_base, spans)
-        x = self.blocks(rms_norm(x), cos, sin)
+        x = self.blocks(rms_norm(x), cos, sin, gist_gate)
         return rms_norm(x)
 
     def logits(self, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -238,6 +246,10 @@ class GPT(nn.Module):
     # the pretrained base (llama.py) has the same ones ------------------------------------
     @property
     def kv_heads(self) -> int:
+        return self.dim // self.head_dim
+
+    @property
+    def num_query_heads(self) -> int:
         return self.dim // self.head_dim
 
     def embed_tokens(self, params, tokens: jnp.ndarray) -> jnp.ndarray:

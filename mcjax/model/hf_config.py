@@ -1,7 +1,8 @@
 """The architecture of a local Hugging Face Llama-family checkpoint, read from its config.json.
 
 `read_spec(directory)` -> `LlamaSpec`: every number the Flax model (`llama.py`) needs, checked
-once here so the model can assume them. Supported `model_type`s: llama (Llama 2, 3.x,
+once here so the model can assume them. A `.gguf` path is read from the file's metadata instead
+(`gguf_base.read_gguf_spec`). Supported `model_type`s: llama (Llama 2, 3.x,
 SmolLM, SmolLM2), qwen2 (Qwen2/2.5: biases on q, k, v) and smollm3 (NoPE every few layers).
 RoPE: "default", "linear" and "llama3" scaling. Anything else is one UserError line naming
 the file and the key. Nothing is downloaded: the directory is the user's own copy.
@@ -48,8 +49,12 @@ class LlamaSpec:
 
 
 def read_spec(directory: str | Path) -> LlamaSpec:
-    """The LlamaSpec of `directory`/config.json; UserError (one line) if it is missing,
-    unreadable or describes an architecture this project does not implement."""
+    """The LlamaSpec of `directory`/config.json (or of a .gguf file's metadata); UserError (one
+    line) if it is missing, unreadable or describes an architecture this project does not implement."""
+    from mcjax.model import gguf_base
+
+    if gguf_base.is_gguf(directory):
+        return gguf_base.read_gguf_spec(directory)
     path = Path(directory).expanduser() / "config.json"
     if not path.is_file():
         raise UserError(f"{path}: not found (base_model.path must be a local Hugging Face model directory)")

@@ -1,14 +1,18 @@
-"""A local HF checkpoint's safetensors weights, read straight into a sharded param pytree.
+"""A pretrained base's weights — a local HF checkpoint's safetensors, or a GGUF file's tensors —
+read straight into a sharded param pytree.
 
-`SafetensorsDir(directory)` indexes every tensor of `model.safetensors` or of the shards that
-`model.safetensors.index.json` names, reading only the JSON headers; each tensor is then a
-read-only memory map. `load_llama(...)` builds each param of the Llama tree (`llama.py`) with
-`jax.make_array_from_callback`: every device's shard is sliced from the maps (HF's [out, in]
-weights transposed, the layers stacked) and cast on the host, so no device ever holds a full
-copy of a sharded weight and no process reads more than its devices need.
+A tensor source holds the base's tensors under HF names: `SafetensorsDir(directory)` indexes
+every tensor of `model.safetensors` or of the shards that `model.safetensors.index.json` names,
+reading only the JSON headers (each tensor is then a read-only memory map);
+`gguf_base.GGUFTensors(file)` maps a GGUF's tensors onto the same names, dequantized. Both have
+`tensors` (by name), `check(name, shape)`, `array(name)` and `release()`. `load_llama(...)` builds
+each param of the Llama tree (`llama.py`) with `jax.make_array_from_callback`: every device's
+shard is sliced from the source's arrays (HF's [out, in] weights transposed, the layers stacked)
+and cast on the host, so no device ever holds a full copy of a sharded weight and no process
+reads more than its devices need; the source releases what it dequantized after each param.
 
-`content_hash(directory)`: sha256 over config.json and the weight files, the reference a
-checkpoint keeps instead of a copy of the base.
+`content_hash(path)`: the reference a checkpoint keeps instead of a copy of the base — sha256
+over config.json and the weight files of a directory, or of a .gguf file's bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from mcjax.errors import UserError
+from mcjax.model import gguf_base
 from mcjax.model.hf_config import LlamaSpec
 from mcjax.model.llama import block_specs
 
@@ -93,6 +98,14 @@ class SafetensorsDir:
             path = self._entry(name)[0]
             raise UserError(f"{path}: tensor {name} is [{', '.join(map(str, got))}], the config.json needs [{', '.join(map(str, shape))}]")
 
+    def release(self) -> None:
+        """Nothing to drop: the arrays are memory maps."""
+
+
+def tensor_source(path: str | Path) -> SafetensorsDir | gguf_base.GGUFTensors:
+    """The tensors of a base: a .gguf file's, else a directory's safetensors."""
+    return gguf_base.GGUFTensors(path) if gguf_base.is_gguf(path) else SafetensorsDir(path)
+
 
 # Our stacked name -> (HF tensor of layer {i}, transposed): HF Linear weights are [out, in].
 _LAYER_NAMES = {
@@ -106,13 +119,14 @@ _LAYER_NAMES = {
 }
 
 
-def _prefix(st: SafetensorsDir) -> str:
+def _prefix(st) -> str:
     """"model." (LlamaForCausalLM) or "" (a bare LlamaModel's tensors)."""
     return "model." if "model.embed_tokens.weight" in st.tensors else ""
 
 
-def _reader(st: SafetensorsDir, spec: LlamaSpec, dtype) -> dict:
-    """Our param path -> (full shape, fn(index) -> the np shard at that index, in `dtype`)."""
+def _reader(st, spec: LlamaSpec, dtype) -> dict:
+    """Our param path -> (full shape, fn(index) -> the np shard at that index, in `dtype`), read
+    from the tensor source `st` (SafetensorsDir or GGUFTensors) after checking every shape."""
     pre = _prefix(st)
     out = {}
 
@@ -151,12 +165,13 @@ def _reader(st: SafetensorsDir, spec: LlamaSpec, dtype) -> dict:
 
 
 def load_llama(directory: str | Path, spec: LlamaSpec, shardings: dict, dtype) -> dict:
-    """The frozen Llama params of `directory` ({"embed", "blocks", "final_norm", "lm_head"?}),
-    each array placed in its NamedSharding of `shardings` (the same tree) in `dtype`.
+    """The frozen Llama params of `directory` (or of a .gguf file) ({"embed", "blocks",
+    "final_norm", "lm_head"?}), each array placed in its NamedSharding of `shardings` (the same
+    tree) in `dtype`.
 
-    UserError naming the file and tensor for a missing tensor or a shape that differs from
-    what config.json describes."""
-    st = SafetensorsDir(directory)
+    UserError naming the file and tensor for a missing tensor, a shape that differs from what
+    config.json (the GGUF's metadata) describes, or a GGUF tensor type mcjax cannot dequantize."""
+    st = tensor_source(directory)
     readers = _reader(st, spec, np.dtype(dtype))
     out: dict = {}
     for path, (shape, read) in readers.items():
@@ -165,13 +180,20 @@ def load_llama(directory: str | Path, spec: LlamaSpec, shardings: dict, dtype) -
             node = node.setdefault(key, {})
             sh = sh[key]
         node[path[-1]] = jax.make_array_from_callback(shape, sh[path[-1]], read)
+        st.release()
     return out
 
 
 def content_hash(directory: str | Path) -> str:
-    """sha256 (hex) over config.json and every weight file of `directory`, in name order."""
+    """sha256 (hex) over config.json and every weight file of `directory`, in name order; of a
+    .gguf file, the sha256 of its bytes (what `sha256sum` prints)."""
     directory = Path(directory).expanduser()
     h = hashlib.sha256()
+    if gguf_base.is_gguf(directory):
+        with directory.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
     paths = [directory / "config.json"] + SafetensorsDir(directory).files
     if (directory / INDEX).is_file():
         paths.append(directory / INDEX)

@@ -20,6 +20,10 @@ see, is the caller's (the engines in `mcjax/runtime`).
   `new_mask` [B, P, P] (True = may attend; a row must at least see itself), in one softmax
   over both parts; then they are written to `slots` [B, P] (an out-of-range slot drops
   the row). A decode step is `extend` with P = 1.
+
+Both take MegaContext's read gate on gist entries (see `GPT.__call__`'s `gist_gate`): the
+per-layer biases [L, N] and which entries are gists — [B, S] for a prefill; the cached
+slots [B, W] and the new rows [B, P] for an extension.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mcjax.model.attention import causal_attention, gated_logits
 from mcjax.model.xent import softcap_logits
 
 Base = Any  # GPT or Llama
@@ -66,27 +71,29 @@ def _heads_first(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.swapaxes(x, 1, 2)
 
 
-def prefill(model: Base, params, emb: jnp.ndarray, positions: jnp.ndarray, spans: jnp.ndarray | None = None):
-    """The model over entries emb [B, S, D] at positions [B, S] (spans [B, S]: Gaussian RoPE).
+def prefill(model: Base, params, emb: jnp.ndarray, positions: jnp.ndarray, spans: jnp.ndarray | None = None, gate=None):
+    """The model over entries emb [B, S, D] at positions [B, S] (spans [B, S]: Gaussian RoPE);
+    gate: None or (bias [L, N], gist bool [B, S]).
 
     Returns (final hidden states [B, S, D], KVCache of S slots). Causal: a padded tail is
     computed but never seen by an earlier entry.
     """
     cos, sin = model.rope(positions, spans)
     x = model.begin(emb)
-    impl = "cudnn" if model.attention == "cudnn" else None
+    kernel = "cudnn" if model.attention == "cudnn" else "xla"
     ks, vs = [], []
     for i, w in enumerate(model.layer_weights(params)):
         q, k, v = model.attn_in(i, x, w, cos, sin)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        y = causal_attention(q, k, v, kernel, None if gate is None else (gate[0][i], gate[1]))
         x = model.attn_out_mlp(x, y, w)
         ks.append(_heads_first(k))
         vs.append(_heads_first(v))
     return model.finish(params, x), KVCache(tuple(ks), tuple(vs))
 
 
-def cached_attention(q, k, v, k_old, v_old, old_mask, new_mask):
-    """One softmax over the cached keys and the new ones.
+def cached_attention(q, k, v, k_old, v_old, old_mask, new_mask, gate=None):
+    """One softmax over the cached keys and the new ones; gate: None or (bias f32 [N], gist
+    bool [B, W] of the cached slots, gist bool [B, P] of the new rows).
 
     q [B, P, N, H], k, v [B, P, K, H] (new rows; N a multiple of K: query head n reads
     key/value head n // (N/K)); k_old, v_old [B, K, W, H]; old_mask bool [B, P, W];
@@ -99,6 +106,8 @@ def cached_attention(q, k, v, k_old, v_old, old_mask, new_mask):
     qh = _heads_first(q).reshape(b, kv, n // kv, p, h)
     lo = jnp.einsum("bkgph,bkwh->bkgpw", qh, k_old, preferred_element_type=jnp.float32) * scale
     ln = jnp.einsum("bkgph,bkqh->bkgpq", qh, _heads_first(k), preferred_element_type=jnp.float32) * scale
+    if gate is not None:
+        lo, ln = gated_logits(lo, gate[0], gate[1]), gated_logits(ln, gate[0], gate[2])
     scores = jnp.concatenate(
         [jnp.where(old_mask[:, None, None], lo, -jnp.inf), jnp.where(new_mask[:, None, None], ln, -jnp.inf)], axis=-1
     )
@@ -120,10 +129,13 @@ def extend(
     old_mask: jnp.ndarray,
     new_mask: jnp.ndarray,
     slots: jnp.ndarray,
+    gate=None,
 ):
     """P new entries emb [B, P, D] at positions [B, P] (spans [B, P] or None) through the model
     against `cache`; see the module doc for the masks. Their keys and values are written to
-    `slots` int [B, P] after the attention reads the old cache. -> (hidden [B, P, D], cache).
+    `slots` int [B, P] after the attention reads the old cache. gate: None or (bias [L, N],
+    gist bool [B, W] of the cache's slots, gist bool [B, P] of the new entries).
+    -> (hidden [B, P, D], cache).
     """
     cos, sin = model.rope(positions, spans)
     x = model.begin(emb)
@@ -131,7 +143,8 @@ def extend(
     ks, vs = [], []
     for layer, w in enumerate(model.layer_weights(params)):
         q, k, v = model.attn_in(layer, x, w, cos, sin)
-        y = cached_attention(q, k, v, cache.k[layer], cache.v[layer], old_mask, new_mask)
+        g = None if gate is None else (gate[0][layer], gate[1], gate[2])
+        y = cached_attention(q, k, v, cache.k[layer], cache.v[layer], old_mask, new_mask, g)
         x = model.attn_out_mlp(x, y, w)
         # [B, K, W, H] indexed at (row, :, slot): the new [B, P, K, H] rows land without a transpose
         ks.append(cache.k[layer].at[rows, :, slots].set(k.astype(model.dtype), mode="drop"))

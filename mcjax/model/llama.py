@@ -161,6 +161,10 @@ class Llama(nn.Module):
         return self.spec.num_kv_heads
 
     @property
+    def num_query_heads(self) -> int:
+        return self.spec.num_heads
+
+    @property
     def rope_base(self) -> float:
         return self.spec.rope_theta
 
@@ -203,24 +207,28 @@ class Llama(nn.Module):
         positions: jnp.ndarray | None = None,
         spans: jnp.ndarray | None = None,
         dropout_key: jax.Array | None = None,
+        gist_gate=None,
     ) -> jnp.ndarray:
         """Final normed hidden states [B, T, D]; the arguments are the GPT's (`GPT.__call__`).
-        `dropout_key` turns on LoRA dropout (training); None: none."""
+        `dropout_key` turns on LoRA dropout (training); None: none. `gist_gate`: as the GPT's."""
         params = self._params()
         x = self.embed_tokens(params, tokens) if embeddings is None else embeddings.astype(self.dtype)
         b, t, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         cos, sin = self.rope(positions, spans)
+        keys = None if gist_gate is None else gist_gate[1]
         for i, w in enumerate(self.layer_weights(params)):
-            layer = functools.partial(self._layer, i)
+            if gist_gate is not None:
+                w = {**w, "gist_bias": gist_gate[0][i].astype(jnp.float32)}
+            layer = functools.partial(self._layer, i, gist_keys=keys)
             if self.remat == "full":
                 layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             x = layer(x, w, cos, sin, key)
         return self.finish(params, x)
 
-    def _layer(self, i: int, x, w, cos, sin, key=None):
+    def _layer(self, i: int, x, w, cos, sin, key=None, gist_keys=None):
         keys = (None, None) if key is None else tuple(jax.random.split(key))
         attn_in = functools.partial(self.attn_in, i)
         attn_out_mlp = self.attn_out_mlp
@@ -228,7 +236,8 @@ class Llama(nn.Module):
             attn_in = jax.checkpoint(attn_in, policy=_save_dots_policy())
             attn_out_mlp = jax.checkpoint(attn_out_mlp, policy=_save_dots_policy())
         q, k, v = attn_in(x, w, cos, sin, keys[0])
-        y = causal_attention(q, k, v, self.attention)
+        gate = (w["gist_bias"], gist_keys) if "gist_bias" in w else None
+        y = causal_attention(q, k, v, self.attention, gate)
         return attn_out_mlp(x, y, w, keys[1])
 
     # -- pure functions of a param tree (no module binding): the KV cache composes them ------

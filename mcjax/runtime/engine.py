@@ -43,6 +43,22 @@ def _compute_params(params, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+# The plain engine's ingest attends a chunk of P tokens to its W-slot ring with explicit
+# logits (kv_cache.cached_attention): f32 [B, N, P, W + P], about three live copies per layer.
+ATTENTION_BYTES = 2 << 30
+
+
+def plain_chunk(limit: int, w: int, batch: int, heads: int) -> int:
+    """The plain engine's ingest chunk: at most `limit` and W, and — a power of two ≥ 64
+    where it must shrink — small enough that one layer's attention logits stay within
+    ATTENTION_BYTES (at W = 16k, batch 8 and 9 heads: 128 tokens, where 8,192 would need
+    about 170 GB)."""
+    chunk = min(limit, w)
+    while chunk > 64 and 12 * batch * heads * chunk * (w + chunk) > ATTENTION_BYTES:
+        chunk = 1 << (chunk - 1).bit_length() - 1 if chunk & (chunk - 1) else chunk // 2
+    return chunk
+
+
 _PROGRAMS: dict = {}
 _PROGRAMS_CALLED: dict[int, set] = {}  # per jitted program set: the (program, shape) keys already compiled
 
@@ -102,7 +118,8 @@ class Engine:
             params = dict(params, gpt=merge_lora(gpt, params["gpt"]))
         self.params = _compute_params(params, gpt.dtype)
         self.block = cfg.runtime.refocus_interval
-        self.chunk = cfg.runtime.ingest_chunk if kind == "mc" else min(cfg.runtime.ingest_chunk, cfg.wc_capacity)
+        self.chunk = cfg.runtime.ingest_chunk if kind == "mc" else plain_chunk(cfg.runtime.ingest_chunk, cfg.wc_capacity,
+                                                                                 batch, gpt.num_query_heads)
         self.monitor = None
         self.reset(seed)
 

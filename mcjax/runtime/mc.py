@@ -39,9 +39,10 @@ How they move:
 
 Refocus: LensNet scores every entry; the focus allocator (`megacontext/allocator.py`,
 `length` = the tokens present) edits the layout within the budget W − R, so the next R
-decoded tokens always fit in the cache. When the new tokens overflow that budget, forced
-collapses make room — down to W − R − collapse_margin, so the next overflow (and its
-rebuild from an early slot) comes that many entries later. The budget is hard (the cache
+decoded tokens always fit in the cache, and its fill expands the best-scored gists until
+the layout holds W − R − collapse_margin entries: the budget is there to be used. When the
+new tokens overflow it, forced collapses make room — down to W − R − collapse_margin, so
+the next overflow (and its rebuild from an early slot) comes that many entries later. The budget is hard (the cache
 has W slots): if cooldown blocks every collapse that could make room, up to two further
 passes ignore cooldown (but never the tail) and take forced collapses only
 (`budget_overrides` counts their collapses).
@@ -60,6 +61,7 @@ from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed,
 from mcjax.megacontext.layout import WorkingContext, assemble, block_entry_counts
 from mcjax.megacontext.tree import StreamTree, append, empty_stream, refresh
 from mcjax.model import kv_cache as kc
+from mcjax.model.gistnet import read_bias
 from mcjax.model.megacontext import MegaContextModel
 from mcjax.runtime.sampling import Sampling, next_token, stream_keys
 
@@ -92,7 +94,7 @@ def _voluntary(lod, wc: WorkingContext, scores, last_changed, length, step, key,
     tokens overflow it. -> (lod, last_changed, refocus stats, budget)."""
     now = entries(lod, alloc.k, length)
     budget = jnp.where(now > high, high - margin, high)
-    p = dataclasses.replace(alloc, w_max=budget)
+    p = dataclasses.replace(alloc, w_max=budget, fill_to=high - margin)
     new, last, st = refocus(lod, wc, scores, last_changed, step, jax.random.fold_in(key, step), p, length=length)
     return new, last, {**st, "entries_before": now}, budget
 
@@ -101,7 +103,7 @@ def _fit(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc
     """Make a layout still over W − R fit, ignoring cooldown (never the tail): up to two
     passes of forced collapses only (LOD0 → LOD1 → LOD2). -> (lod, last_changed, collapses)."""
     forced = dataclasses.replace(alloc, w_max=budget, cooldown_steps=0, expand_threshold=2.0, collapse_threshold=2.0,
-                                 iterations=1)  # forced collapses all happen in a pass's first round
+                                 iterations=1, fill_units=0)  # forced collapses all happen in a pass's first round
     overrides = jnp.zeros((), jnp.int32)
     key = jax.random.fold_in(key, step)
     for i in range(2):
@@ -180,6 +182,10 @@ class MCRuntime:
         )
 
     # ------------------------------------------------------------------ pieces
+    def _read_bias(self, params):
+        """The base's read gate on gist entries [L, N] (gistnet.read_gate), or None."""
+        return read_bias(params["gistnet"], self.cfg.gistnet.read_gate_init)
+
     def _embed(self, params):
         return lambda ids: kc.embed(self.gpt, params["gpt"], ids)
 
@@ -248,8 +254,10 @@ class MCRuntime:
         gpt, w, p = self.gpt, self.w, params["gpt"]
         wc, first, count = self._unchanged(params, state)
         spans = (lambda x: x) if self.gaussian else (lambda x: None)
+        bias = self._read_bias(params)
         if size == w:
-            hidden, cache = kc.prefill(gpt, p, wc.emb, wc.pos, spans(wc.span))
+            gate = None if bias is None else (bias, wc.lod > 0)
+            hidden, cache = kc.prefill(gpt, p, wc.emb, wc.pos, spans(wc.span), gate)
             start = jnp.zeros_like(first)
         else:
             start = jnp.minimum(first, w - size)  # [B]; rows start..start+size-1 cover first..count-1
@@ -257,7 +265,9 @@ class MCRuntime:
             take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
             old = jnp.arange(w)[None, None, :] < start[:, None, None]
             new = jnp.broadcast_to(jnp.tril(jnp.ones((size, size), bool)), (idx.shape[0], size, size))
-            hidden, cache = kc.extend(gpt, p, take(wc.emb), take(wc.pos), spans(take(wc.span)), state.cache, old, new, idx)
+            gate = None if bias is None else (bias, state.cache_lod > 0, take(wc.lod) > 0)
+            hidden, cache = kc.extend(gpt, p, take(wc.emb), take(wc.pos), spans(take(wc.span)), state.cache, old, new, idx,
+                                      gate)
         last = jnp.take_along_axis(hidden, jnp.clip(count - 1 - start, 0, size - 1)[:, None, None], axis=1)[:, 0]
         logits = jnp.where((count > first)[:, None], kc.logits(gpt, p, last), state.logits)
         return state._replace(cache=cache, cache_pos=wc.pos, cache_lod=wc.lod, cache_n=count, logits=logits)
@@ -270,6 +280,7 @@ class MCRuntime:
         gpt, p, w = self.gpt, params["gpt"], self.w
         b = state.cache_n.shape[0]
         rows = jnp.arange(b)
+        bias = self._read_bias(params)
 
         def step(carry, given):
             ids, length, cache, cache_pos, cache_lod, n, logits, keys = carry
@@ -277,8 +288,9 @@ class MCRuntime:
             tok, out = next_token(logits, split[:, 1], sampling, given)
             ids = ids.at[rows, length].set(tok, mode="drop")
             old = jnp.arange(w)[None, None, :] < n[:, None, None]
+            gate = None if bias is None else (bias, cache_lod > 0, jnp.zeros((b, 1), bool))
             hidden, cache = kc.extend(gpt, p, kc.embed(gpt, p, tok[:, None]), length[:, None], None, cache,
-                                      old, jnp.ones((b, 1, 1), bool), n[:, None])
+                                      old, jnp.ones((b, 1, 1), bool), n[:, None], gate)
             cache_pos = cache_pos.at[rows, n].set(length, mode="drop")
             cache_lod = cache_lod.at[rows, n].set(0, mode="drop")
             logits = kc.logits(gpt, p, hidden[:, 0])

@@ -4,8 +4,9 @@
 file, `<out_dir>/<stem>.png`: the panel's metrics against the training step, one line per
 metric, with title, legend and grid. The panels are `loss.png` (train/val/LOD losses),
 `delta_nll.png` (ΔNLL of the compressed context vs. the full one) and `lens.png` (LensNet loss,
-preference correlations and policy-score statistics), `focus_gap.png`, `focus_nll.png` and
-`retrieval.png` (validation of focus: `train/focus_eval.py`). Each PNG is written atomically (temp file +
+preference correlations and policy-score statistics), `edits.png` (the counterfactual edits'
+labels and ranking loss), `focus_gap.png`, `focus_nll.png`, `retrieval.png` and `needle.png`
+(validation of focus: `train/focus_eval.py`). Each PNG is written atomically (temp file +
 `os.replace`). Drawing uses matplotlib's object-oriented API with the Agg canvas, so no global
 pyplot state or backend is touched.
 
@@ -58,12 +59,26 @@ PANELS: tuple[tuple[str, str, list[str]], ...] = (
     (
         "focus_nll",
         "Val horizon NLL by layout",
-        ["val/focus/horizon_loss_recency", "val/focus/horizon_loss_random", "val/focus/horizon_loss_lensnet"],
+        ["val/focus/horizon_loss_recency", "val/focus/horizon_loss_random", "val/focus/horizon_loss_lensnet",
+         "val/focus/horizon_loss_attention"],
     ),
     (
         "retrieval",
         "Val synthetic-task answers exact (teacher-forced)",
-        ["val/retrieval/exact_recency", "val/retrieval/exact_random", "val/retrieval/exact_lensnet"],
+        ["val/retrieval/exact_recency", "val/retrieval/exact_random", "val/retrieval/exact_lensnet",
+         "val/retrieval/exact_attention"],
+    ),
+    (
+        "edits",
+        "Counterfactual edits: NLL gained by the best and by LensNet's first",
+        ["mc/edit_value_best", "mc/edit_value_chosen", "mc/edit_value_expand_mean", "mc/edit_value_collapse_mean",
+         "mc/edit_loss", "mc/edit_corr_mean"],
+    ),
+    (
+        "needle",
+        "Val task rows: the fact's block in the top k; held raw",
+        ["val/needle/recall_at_1_lensnet", "val/needle/recall_at_16_lensnet", "val/needle/recall_at_1_attention",
+         "val/needle/recall_at_16_attention", "val/needle/raw_lensnet", "val/needle/raw_recency"],
     ),
     ("focus", "Runtime swap rate (actions per LOD1 block, per refocus)", ["runtime/swap_rate"]),
     ("latency", "Runtime latency per decode block (ms)", ["runtime/latency_ms", "runtime/latency_p99"]),

@@ -21,7 +21,7 @@ from mcjax.backend import backend_note
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import Config
 from mcjax.data.pipeline import TaskRefresh, TrainIterator, eval_batches
-from mcjax.data.prep import is_prepared, prepare, tokenizer_path
+from mcjax.data.prep import check_base_vocab, is_prepared, prepare, tokenizer_path
 from mcjax.data.tasks import split_stream
 from mcjax.data.tokenizer import Tokenizer
 from mcjax.errors import UserError
@@ -37,6 +37,17 @@ from mcjax.train.mc_runner import MCRunner
 from mcjax.train.nan_guard import NanGuard
 from mcjax.train.setup import build_parts, param_count
 from mcjax.train.step import FINITE, jit_train_step, make_eval_step, make_train_step
+
+
+def out_of_time(started: float, limit_s: float) -> bool:
+    """Has training run `limit_s` seconds since `started`? Every process takes process 0's
+    answer, so all stop after the same step."""
+    late = time.perf_counter() - started >= limit_s
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        late = bool(multihost_utils.broadcast_one_to_all(np.asarray(late)))
+    return late
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -74,6 +85,7 @@ def _train(cfg: Config, resume: bool, log) -> dict[str, float]:
             prepare(cfg, log=log)
         _barrier("prep")
     tok = Tokenizer.load(tokenizer_path(cfg))
+    check_base_vocab(cfg, tok)  # data prepared for another base with the same vocabulary size
     token_bytes = jnp.asarray(token_byte_lengths(tok, cfg.dataset.vocab_size))
 
     # ---------------------------------------------------------------- model, optimizer, mesh
@@ -250,14 +262,23 @@ def _train(cfg: Config, resume: bool, log) -> dict[str, float]:
                 telemetry.log(done, val)
                 progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 last["time"] = time.perf_counter()  # keep evaluation out of tok/s
-            if crossed(tokens - tps, tokens, cfg.checkpoint.every_tokens) and done != total:
+            saved = crossed(tokens - tps, tokens, cfg.checkpoint.every_tokens) and done != total
+            if saved:
                 save(done)
-        if start < total or latest is None:
-            save(total)
-        if mc_on and start < total:
-            dump(total)
+            if t.time_limit_s and done != total and out_of_time(started, t.time_limit_s):
+                if not saved:
+                    save(done)
+                log(f"step {done}: training.time_limit_s ({t.time_limit_s:g} s) reached; resume with --resume")
+                end = done
+                break
+        else:
+            end = total
+            if start < total or latest is None:
+                save(total)
+        if mc_on and start < end:
+            dump(end)
         val = evaluate(state.model_params())
-        telemetry.log(total, val)
+        telemetry.log(end, val)
     except BaseException:
         telemetry.close()  # flush the sinks before the error (e.g. NonFiniteError) leaves
         raise
@@ -269,8 +290,8 @@ def _train(cfg: Config, resume: bool, log) -> dict[str, float]:
         log(f"plots: {', '.join(str(p) for p in plots)}")
 
     card = {
-        "steps": float(total),
-        "tokens": float(total * tps),
+        "steps": float(end),
+        "tokens": float(end * tps),
         "train/loss": metrics_host.get("train/loss", float("nan")),
         **{k: metrics_host[k] for k in ("train/delta_nll_mean", "mc/lod_delta/1", "mc/lens_loss") if k in metrics_host},
         **val,

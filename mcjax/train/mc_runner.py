@@ -41,7 +41,7 @@ from mcjax.data.variants import EVAL, VariantSpec, curriculum_target, sample_lay
 from mcjax.megacontext import losses as L
 from mcjax.megacontext.layout import entry_count, render
 from mcjax.model.megacontext import MegaContextModel
-from mcjax.telemetry.deltas import label_table, write_labels
+from mcjax.telemetry.deltas import edit_table, label_table, write_labels
 from mcjax.train.flops import config_flops_per_token
 from mcjax.train.focus_eval import focus_metrics, make_focus_probe, row_sums
 from mcjax.train.mc_step import MCForward, jit_mc_train_step, make_mc_eval_step, make_mc_probe, make_mc_train_step
@@ -99,9 +99,10 @@ class MCRunner:
         )
         if self.focus:
             self.focus_fn = jax.jit(
-                make_focus_probe(model, cfg), in_shardings=(shardings.model_params(), sh0, sh0, sh0), out_shardings=rep, static_argnums=4
+                make_focus_probe(model, cfg), in_shardings=(shardings.model_params(), sh0, sh0, sh0, sh0), out_shardings=rep,
+                static_argnums=5,
             )
-        self._val_tasks: tuple[np.ndarray, np.ndarray] | None = None  # (task, answer_tokens) per val row
+        self._val_tasks: tuple[np.ndarray, ...] | None = None  # (task, answer_tokens, needle) per val row
         self._fpt = lambda seq: config_flops_per_token(cfg, seq)
         self.last: Batch | None = None
 
@@ -164,14 +165,16 @@ class MCRunner:
         out = self.eval_fn(params, tok_g, global_batch(lay[:, :2], self.sh0), token_bytes, cap)
         sums = {k: float(v) for k, v in jax.device_get(out).items()}
         if self.focus:
-            task, answer = self.val_tasks()
+            task, answer, needle = self.val_tasks()
             mine = answer[rows].astype(np.int32)
-            per_row = jax.device_get(self.focus_fn(params, tok_g, global_batch(lay, self.sh0), global_batch(mine, self.sh0), cap))
+            block = np.where(needle[rows] >= 0, needle[rows] // self.spec.block_size, -1).astype(np.int32)
+            per_row = jax.device_get(self.focus_fn(params, tok_g, global_batch(lay, self.sh0), global_batch(mine, self.sh0),
+                                                   global_batch(block, self.sh0), cap))
             sums.update(row_sums(per_row, task[index * procs * b : (index + 1) * procs * b]))
         return sums
 
-    def val_tasks(self) -> tuple[np.ndarray, np.ndarray]:
-        """(task id int8, answer tokens int16) of every val row (`data/tasks.py`), read once."""
+    def val_tasks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(task id int8, answer tokens int16, fact start int32) of every val row (`data/tasks.py`), read once."""
         if self._val_tasks is None:
             self._val_tasks = row_tasks(self.cfg.dataset.splits["val"].output_path)
         return self._val_tasks
@@ -211,6 +214,9 @@ class MCRunner:
             return None
         table = label_table(probe, step=step, block_size=spec.block_size, target_length=batch.target)
         write_labels(table, Path(out_dir) / "deltas", self.cfg.run, step)
+        if "edit_units" in probe:
+            edits = edit_table(probe, step=step, num_blocks=spec.num_blocks, block_size=spec.block_size, timestamp=time.time())
+            write_labels(edits, Path(out_dir) / "deltas", self.cfg.run, step, kind="edits")
         lay, k = probe["layouts"][0], spec.block_size
         lines = [f"step {step}: LOD layouts of sequence 0 ('.' LOD0, '─' LOD1, '═' LOD2; one char per block)"]
         lines.append(f"  baseline  {render(lay[0])}  {entry_count(lay[0], k):5d} entries")

@@ -19,8 +19,11 @@ the device:
 5. losses: the mean over WCs of each WC's mean entry NLL (GPT and GistNet learn through
    it); gist-delta penalty `gist_delta_weight · relu(ΔNLL)`; optional KL of the variants'
    horizon distributions to the baseline's (`gist_kl_weight`); LensNet's Bradley–Terry
-   preference loss (`losses.py`, `lens_loss_weight`). LensNet reads the WCs with their
-   embeddings under stop-gradient: its loss trains LensNet only.
+   preference loss (`losses.py`, `lens_loss_weight`); with `edit_candidates`, LensNet's
+   ranking of per-block counterfactual edits of the first on-policy layout, each measured
+   by a forward of the base (`megacontext/edits.py`, `edit_loss_weight`). LensNet reads the
+   WCs with their embeddings under stop-gradient: its losses train LensNet only. With
+   gistnet.read_gate the base reads gist entries through its learned attention bias.
 6. one optax update of all three nets; the running ΔNLL statistics that normalise
    LensNet's labels fold in this step's ΔNLLs.
 
@@ -37,10 +40,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mcjax.megacontext import edits as E
 from mcjax.megacontext import losses as L
-from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed, refocus
+from mcjax.megacontext.allocator import AllocatorParams, entries, fill_units, never_changed, refocus, unit_scores
+from mcjax.megacontext.attention_rival import rival_scores, tail_attention
 from mcjax.megacontext.layout import WorkingContext, assemble
 from mcjax.megacontext.tree import build_tree
+from mcjax.model.gistnet import read_bias
 from mcjax.model.megacontext import MegaContextModel
 from mcjax.model.xent import softcap_logits, token_nll
 from mcjax.train.frozen import merge
@@ -50,8 +56,9 @@ from mcjax.train.step import FINITE, finite_flag
 
 
 def initial_stats() -> dict:
-    """TrainState.stats of a MegaContext run: the running ΔNLL moments (losses.ema_update)."""
-    return {"delta_ema": L.empty_ema()}
+    """TrainState.stats of a MegaContext run: the running moments (losses.ema_update) of the
+    variants' ΔNLL and of the edits' counterfactual values."""
+    return {"delta_ema": L.empty_ema(), "edit_ema": L.empty_ema()}
 
 
 def _flat(wc: WorkingContext) -> WorkingContext:
@@ -77,6 +84,7 @@ def policy_params(cfg, *, explore: bool) -> AllocatorParams:
         iterations=mc.policy_rounds,
         policy="stochastic" if explore else "greedy",
         temperature=mc.policy_temperature,
+        fill_units=fill_units(cfg.wc_capacity, cfg.dataset.block_size) if cfg.allocator.fill else 0,
     )
 
 
@@ -117,40 +125,91 @@ class MCForward:
         per_seq = jax.vmap(one, in_axes=(0, None, None, None))
         return _flat(jax.vmap(per_seq)(layouts, tree.lod0, tree.lod1, tree.lod2))
 
-    def entry_nll(self, params, wc: WorkingContext, tokens, key=None):
-        """GPT on WCs [R, W]; tokens int [R, T+1]; key: LoRA dropout (with `self.dropout`).
-        -> (nll f32 [R, W] (0 on padding), hidden [R, W, D])."""
-        m = self.cfg.base_model
+    def hidden(self, params, wc: WorkingContext, key=None):
+        """The base model's final hidden states on WCs [R, W] -> [R, W, D]; key: LoRA dropout
+        (with `self.dropout`)."""
         extra = {"dropout_key": key} if self.dropout and key is not None else {}
-        hidden = self.gpt.apply(
+        return self.gpt.apply(
             {"params": params["gpt"]},
             embeddings=wc.emb,
             positions=wc.pos,
             spans=wc.span if self.gaussian else None,
+            gist_gate=self.gist_gate(params, wc),
             **extra,
         )
+
+    def _nll(self, params, hidden, targets):
+        """hidden [R, W, D], targets int [R, W] -> NLL f32 [R, W] (head + cross-entropy)."""
+        m = self.cfg.base_model
         head = self.gpt.apply({"params": params["gpt"]}, method="head")
-        targets = jnp.take_along_axis(tokens, wc.target, axis=1)
         r, w, d = hidden.shape
-        nll = token_nll(
+        return token_nll(
             hidden.reshape(r * w, d), head, targets.reshape(-1),
             softcap=self.gpt.softcap, chunk_tokens=m.loss_chunk_tokens, mode=m.loss_impl,
         ).reshape(r, w)
+
+    def entry_nll(self, params, wc: WorkingContext, tokens, key=None):
+        """GPT on WCs [R, W]; tokens int [R, T+1]; key: LoRA dropout (with `self.dropout`).
+        -> (nll f32 [R, W] (0 on padding), hidden [R, W, D])."""
+        hidden = self.hidden(params, wc, key)
+        nll = self._nll(params, hidden, jnp.take_along_axis(tokens, wc.target, axis=1))
         return jnp.where(wc.valid, nll, 0.0), hidden
+
+    def horizon_nll(self, params, wc: WorkingContext, tokens):
+        """Mean NLL of the horizon — the last H entries, raw in every layout — of WCs [R, W];
+        tokens int [R, T+1]. Only those entries go through the head. -> f32 [R]."""
+        idx = wc.valid.sum(-1)[:, None] - self.horizon + jnp.arange(self.horizon)  # [R, H]
+        h = jnp.take_along_axis(self.hidden(params, wc), idx[..., None], axis=1)
+        targets = jnp.take_along_axis(tokens, jnp.take_along_axis(wc.target, idx, axis=1), axis=1)
+        return self._nll(params, h, targets).mean(-1)
+
+    def edits(self, params, tree, tokens, ref, wc: WorkingContext, scores, ref_nll, capacity: int, key):
+        """Counterfactual utilities of edits (of megacontext.edit_group units each) of each
+        sequence's on-policy layout (`megacontext/edits.py`). ref int8 [B, N1] and its WCs [B, W_v] with LensNet's scores
+        (differentiable) and horizon NLL ref_nll [B]; capacity: the variants' width W_v.
+        -> (candidates [B, C], predicted values f32 [B, C], labels f32 [B, C])."""
+        mc, (b, n1) = self.cfg.megacontext, ref.shape
+        us = jax.vmap(lambda w, s: unit_scores(w, s, n1, self.k))(wc, scores)
+        expands = int(round(mc.edit_candidates * mc.edit_expand_share))
+        g = mc.edit_group
+        draw = lambda key, lod, u: E.candidates(key, lod, u, self.explore, expands, mc.edit_candidates - expands,  # noqa: E731
+                                                mc.edit_explore, mc.policy_temperature, g)
+        cand = jax.vmap(draw)(jax.random.split(key, b), ref, us)
+        one = jax.vmap(E.apply_edit, in_axes=(None, 0, 0, 0, None))
+        edited = jax.vmap(one, in_axes=(0, 0, 0, 0, None))(ref, cand.units, cand.members, cand.expand, self.k)
+        frozen = jax.lax.stop_gradient((params, tree))  # labels: forward only
+        ewc = self.assemble(frozen[1], edited, capacity + g * (self.k - 1))  # [B·C, …]: an expand adds K − 1 per unit
+        c = cand.units.shape[1]
+        nll = self.horizon_nll(frozen[0], ewc, jnp.repeat(tokens, c, axis=0)).reshape(b, c)
+        value = E.raw_value(nll, jax.lax.stop_gradient(ref_nll), cand.expand)
+        return cand, jax.vmap(E.predicted_value)(us, cand), value
+
+    def gist_gate(self, params, wc: WorkingContext):
+        """The base's read gate on the WCs' gist entries (gistnet.read_gate), or None."""
+        bias = read_bias(params["gistnet"], self.cfg.gistnet.read_gate_init)
+        return None if bias is None else (bias, wc.lod > 0)
 
     def scores(self, params, wc: WorkingContext):
         """LensNet on WCs [R, W] with their embeddings under stop-gradient. -> f32 [R, W]."""
         wc = wc._replace(emb=jax.lax.stop_gradient(wc.emb))
         return self.lens.apply({"params": params["lensnet"]}, wc)
 
-    def policy(self, params, tree, start, count: int, capacity: int, key, alloc: AllocatorParams):
+    def rival_scores(self, params, wc: WorkingContext):
+        """The training-free rival's entry scores on WCs [R, W] (`attention_rival.py`): the base's
+        attention mass from the protected tail, over megacontext.rival_layers. -> f32 [R, W]."""
+        tail = self.cfg.megacontext.recent_tokens
+        mass = tail_attention(self.gpt, params["gpt"], wc, tail, gaussian=self.gaussian, gate=self.gist_gate(params, wc))
+        return rival_scores(mass, wc, tail, tuple(self.cfg.megacontext.rival_layers))
+
+    def policy(self, params, tree, start, count: int, capacity: int, key, alloc: AllocatorParams, scorer=None):
         """On-policy layouts: `count` allocator edits of each start layout, at its own budget.
 
-        start int8 [B, N1]: the layouts to edit (≤ capacity entries); key: PRNG key.
+        start int8 [B, N1]: the layouts to edit (≤ capacity entries); key: PRNG key; scorer:
+        (params, WCs [B, W]) -> entry scores [B, W] in place of LensNet's (`self.scores`).
         -> (layouts int8 [B, count, N1] (no gradient), stats of `allocator.refocus` [B, count]).
         """
         wc = self.assemble(tree, start[:, None], capacity)  # [B, W]
-        scores = jax.lax.stop_gradient(self.scores(params, wc))
+        scores = jax.lax.stop_gradient((scorer or self.scores)(params, wc))
         b, n1 = start.shape
         keys = jax.random.split(key, (b, count))
 
@@ -186,17 +245,19 @@ def _per_wc_mean(nll, valid):
     return nll.sum(-1) / jnp.maximum(valid.sum(-1), 1)
 
 
-def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: int, key, details: bool = False):
+def mc_loss(fw: MCForward, params, tokens, layouts, stats, variant_capacity: int, key, details: bool = False):
     """Loss and metrics of one micro-batch. tokens int [B, T+1]; layouts int8 [B, M, N1]
-    (the last P = megacontext.num_policy_variants: the policy start); key: PRNG key of the
-    on-policy choices.
+    (the last P = megacontext.num_policy_variants: the policy start); stats: the running
+    label moments (`initial_stats`); key: PRNG key of the on-policy choices and edits.
 
-    Returns (loss, (metrics dict of f32 scalars, variant ΔNLLs f32 [B, N+P])); with
-    `details`, the aux also holds the variants' per-entry arrays [B·(N+P), W_v] (lod, pos,
-    span, valid, nll, entry_delta, score) and the layouts the step used, for ΔNLL label
-    tables and LOD dumps.
+    Returns (loss, (metrics dict of f32 scalars, labels)) with labels {"delta": variant
+    ΔNLLs f32 [B, N+P], "edit": edit values f32 [B, C], "edit_valid": bool [B, C]}; with
+    `details`, the metrics also hold the variants' per-entry arrays [B·(N+P), W_v] (lod, pos,
+    span, valid, nll, entry_delta, score), the layouts the step used and the edits, for
+    label tables and LOD dumps.
     """
     mc = fw.cfg.megacontext
+    moments = L.ema_moments(stats["delta_ema"], mc.advantage_ema)
     b, t1 = tokens.shape
     t, m = t1 - 1, layouts.shape[1]
     n, p = m - 1, fw.num_policy
@@ -204,9 +265,9 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
     metrics = {}
     if p:
         start = layouts[:, -1]
-        chosen, stats = fw.policy(params, tree, start, p, variant_capacity, key, fw.explore)
+        chosen, moved = fw.policy(params, tree, start, p, variant_capacity, key, fw.explore)
         layouts = jnp.concatenate([layouts[:, : m - p], chosen.astype(layouts.dtype)], axis=1)
-        metrics["mc/policy_swaps"] = (stats["num_expands"] + stats["num_collapses"]).mean(dtype=jnp.float32)
+        metrics["mc/policy_swaps"] = (moved["num_expands"] + moved["num_collapses"]).mean(dtype=jnp.float32)
         metrics["mc/policy_changed"] = (chosen != start[:, None]).any(-1).mean(dtype=jnp.float32)
 
     base = fw.assemble(tree, layouts[:, :1], fw.capacity)  # [B, W]
@@ -219,6 +280,8 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
     score_sets = [(s_b, base.valid)]
     util = [base.valid.sum(-1) / fw.capacity]
     loss_extra = jnp.zeros((), jnp.float32)
+    edit = {"edit": jnp.zeros((b, 0), jnp.float32), "edit_valid": jnp.zeros((b, 0), bool)}
+    edit_details = {}
 
     if n:
         var = fw.assemble(tree, layouts[:, 1:], variant_capacity)  # [B·N, W_v]
@@ -264,11 +327,24 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
                     metrics[f"mc/adv_delta_{kind}_p95"] = jnp.percentile(part, 95)
         metrics["mc/horizon_loss_variants"] = jax.lax.stop_gradient(hor_v).mean()
         metrics["mc/variant_entries_mean"] = var.valid.sum(-1).mean().astype(jnp.float32)
+        if mc.edit_candidates:  # counterfactual utilities of edits of the first on-policy layout
+            rows = jnp.arange(b) * n + (n - p)
+            ref_wc = jax.tree.map(lambda x: x[rows], var)
+            cand, pred, value = fw.edits(params, tree, tokens, layouts[:, m - p], ref_wc, s_v[rows], hor_v[:, n - p],
+                                         variant_capacity, jax.random.fold_in(key, 3))
+            _, scale = L.ema_moments(stats["edit_ema"], mc.advantage_ema)
+            edit_loss = E.ranking_loss(pred, value, cand.valid, scale, mc.lens_temperature)
+            loss_extra += mc.edit_loss_weight * edit_loss
+            edit = {"edit": value, "edit_valid": cand.valid}
+            metrics.update(E.metrics(jax.lax.stop_gradient(pred), value, cand, edit_loss))
+            if details:
+                edit_details = {"edit_units": cand.units, "edit_members": cand.members, "edit_expand": cand.expand,
+                                "edit_valid": cand.valid, "edit_value": value, "edit_pred": jax.lax.stop_gradient(pred)}
         if details:
             metrics["details"] = {
                 "lod": var.lod, "pos": var.pos, "span": var.span, "valid": var.valid,
                 "nll": jax.lax.stop_gradient(nll_v), "entry_delta": entry_delta,
-                "comparable": comparable, "score": jax.lax.stop_gradient(s_v), "layouts": layouts,
+                "comparable": comparable, "score": jax.lax.stop_gradient(s_v), "layouts": layouts, **edit_details,
             }
     else:
         delta = jnp.zeros((b, 0), jnp.float32)
@@ -301,7 +377,7 @@ def mc_loss(fw: MCForward, params, tokens, layouts, moments, variant_capacity: i
         "runtime/token_budget_utilization": jnp.concatenate(util).mean(),
         **{f"mc/lod_loss/{level}": jax.lax.stop_gradient(lod_loss(level)) for level in range(fw.max_lod + 1)},
     })
-    return loss, (metrics, jax.lax.stop_gradient(delta))
+    return loss, (metrics, {"delta": jax.lax.stop_gradient(delta), **edit})
 
 
 def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation, cfg):
@@ -314,28 +390,31 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
     total = cfg.total_steps
 
     def train_step(state: TrainState, tokens, layouts, variant_capacity: int):
-        moments = L.ema_moments(state.stats["delta_ema"], mc.advantage_ema)
         grad_fn = jax.value_and_grad(  # w.r.t. the trainable params; a pretrained base's own weights are frozen
-            lambda p, tok, lay, key: mc_loss(fw, merge(p, state.frozen), tok, lay, moments, variant_capacity, key), has_aux=True
+            lambda p, tok, lay, key: mc_loss(fw, merge(p, state.frozen), tok, lay, state.stats, variant_capacity, key),
+            has_aux=True,
         )
         keys = jax.random.split(jax.random.fold_in(jax.random.key(t.seed), state.step), tokens.shape[0])
 
         def micro(acc, xs):
-            (_, (metrics, delta)), grads = grad_fn(state.params, *xs)
-            return jax.tree.map(jnp.add, acc, grads), (metrics, delta)
+            (_, (metrics, labels)), grads = grad_fn(state.params, *xs)
+            return jax.tree.map(jnp.add, acc, grads), (metrics, labels)
 
         if tokens.shape[0] == 1:
-            (_, (metrics, delta)), grads = grad_fn(state.params, tokens[0], layouts[0], keys[0])
+            (_, (metrics, labels)), grads = grad_fn(state.params, tokens[0], layouts[0], keys[0])
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, (metrics, delta) = jax.lax.scan(micro, zeros, (tokens, layouts, keys))
+            grads, (metrics, labels) = jax.lax.scan(micro, zeros, (tokens, layouts, keys))
             grads = jax.tree.map(lambda g: g / tokens.shape[0], grads)
             metrics = jax.tree.map(jnp.nanmean, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         stats = dict(state.stats)
-        if delta.size:
-            stats["delta_ema"] = L.ema_update(state.stats["delta_ema"], delta.reshape(-1), mc.advantage_ema)
+        if labels["delta"].size:
+            stats["delta_ema"] = L.ema_update(state.stats["delta_ema"], labels["delta"].reshape(-1), mc.advantage_ema)
+        if labels["edit"].size:
+            stats["edit_ema"] = L.ema_update(state.stats["edit_ema"], labels["edit"].reshape(-1), mc.advantage_ema,
+                                             labels["edit_valid"].reshape(-1))
         grad_norms = {f"mc/grad_norm/{k}": optax.tree.norm(g) for k, g in grads.items()}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
         metrics = {
@@ -400,12 +479,10 @@ def make_mc_probe(model: MegaContextModel, cfg):
     (on-policy ones chosen with a fixed key) — forward only; for the ΔNLL label tables and
     LOD dumps written on a cadence."""
     fw = MCForward(model, cfg)
-    decay = cfg.megacontext.advantage_ema
     key = jax.random.key(cfg.training.seed)
 
     def probe(params, stats, tokens, layouts, variant_capacity: int):
-        moments = L.ema_moments(stats["delta_ema"], decay)
-        _, (metrics, delta) = mc_loss(fw, params, tokens, layouts, moments, variant_capacity, key, details=True)
-        return {"delta": delta, **metrics["details"]}
+        _, (metrics, labels) = mc_loss(fw, params, tokens, layouts, stats, variant_capacity, key, details=True)
+        return {"delta": labels["delta"], **metrics["details"]}
 
     return probe

@@ -14,3 +14,10 @@ def device_memory() -> dict[str, float]:
         "pool_bytes": "runtime/gpu_memory_reserved_gb",
     }
     return {name: stats[key] / 1e9 for key, name in names.items() if key in stats}
+
+
+def device_limit_gb() -> float | None:
+    """GB the allocator may hand out on this process's first device; None where the backend
+    does not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats["bytes_limit"] / 1e9 if "bytes_limit" in stats else None
