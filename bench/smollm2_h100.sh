@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Device script for SmolLM2-135M (issues 27 and 28) on one H100, in back-to-back calls of ≤ 10
+# minutes on one warm machine (files under /root survive between them). The GGUF (98 MB) travels
+# in two halves (a call carries ≤ 64 MiB): .device/gguf/part00, then part01; the wheels jax lacks
+# there travel in .whl/ (bench/RESULTS.md).
+#   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1, bench the step
+#   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
+#   bash bench/smollm2_h100.sh eval    # the run's mcjax eval, report and curves to $OUT
+# Extra arguments are config overrides of the training run. TRAIN_S: seconds of training per call.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /root/gguf
+export PYTHONPATH=/root/site:.
+CFG=configs/smollm2_135m_mc.yaml
+GGUF=/root/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+RUN=(base_model.path=$GGUF telemetry.out_dir=/root/art telemetry.wandb=disabled telemetry.progress=false)
+mode=${1:-setup}; shift || true
+case $mode in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl
+  cp .device/gguf/part00 /root/gguf/part00 && cp .device/gguf/SHA256 /root/gguf/SHA256
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+  python3 bench/random_base.py smollm2-135m /root/rand135 > /dev/null
+  bench() {  # name T batch overrides...
+    local name=$1 t=$2 b=$3; shift 3
+    python3 -m mcjax.cli bench --config $CFG --batch "$b" --json "$OUT/$name.json" base_model.path=/root/rand135 \
+      dataset.context_tokens="$t" megacontext.curriculum_start=$((2048 * 1000 / t))e-3 megacontext.train_wc_length=$((2048 * 1000 / t))e-3 \
+      telemetry.wandb=disabled "$@" > "$OUT/$name.txt" 2>&1
+    tail -12 "$OUT/$name.txt"
+  }
+  bench T8192_b8 8192 8
+  bench T16384_b8 16384 8
+  bench T16384_b8_noedits 16384 8 megacontext.edit_candidates=0
+  ;;
+train)
+  if [ ! -f $GGUF ]; then
+    cat /root/gguf/part00 .device/gguf/part01 > $GGUF
+    [ "$(sha256sum $GGUF | cut -c1-64)" = "$(cat /root/gguf/SHA256)" ] || { echo "GGUF sha256 mismatch"; rm -f $GGUF; exit 1; }
+    python3 -m mcjax.cli prep --config $CFG "${RUN[@]}" "$@" 2>&1 | tail -3
+  fi
+  resume=()
+  [ -d /root/art/checkpoints/smollm2_135m_mc ] && resume=(--resume)
+  python3 -m mcjax.cli train --config $CFG "${resume[@]}" "${RUN[@]}" training.time_limit_s="${TRAIN_S:-480}" "$@" \
+    > "$OUT/train.log" 2>&1
+  echo "train rc=$?"
+  grep -E "run '|resumed|time_limit|val/(focus|retrieval|needle)" "$OUT/train.log" | tail -40
+  run=/root/art/runs/smollm2_135m_mc
+  mkdir -p "$OUT/run"
+  cp "$run"/metrics.jsonl "$run"/lod_dumps.txt "$run"/summary.json "$OUT/run/" 2>/dev/null
+  tar -C "$run" -czf "$OUT/run/plots.tgz" plots 2>/dev/null
+  ;;
+eval)
+  python3 -m mcjax.cli eval --run /root/art/runs/smollm2_135m_mc "$@" > "$OUT/eval.log" 2>&1
+  echo "eval rc=$?"
+  tail -60 "$OUT/eval.log"
+  ev=/root/art/eval/smollm2_135m_mc
+  mkdir -p "$OUT/eval"
+  cp "$ev"/report.md "$ev"/report.json "$OUT/eval/" 2>/dev/null
+  tar -C "$ev" -czf "$OUT/eval/all.tgz" . 2>/dev/null
+  ;;
+esac
