@@ -5,7 +5,7 @@
 # there travel in .whl/ (bench/RESULTS.md).
 #   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1, bench the step
 #   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
-#   bash bench/smollm2_h100.sh eval    # the run's mcjax eval, report and curves to $OUT
+#   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT
 # Extra arguments are config overrides of the training run. TRAIN_S: seconds of training per call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -49,8 +49,8 @@ train)
   cp "$run"/metrics.jsonl "$run"/lod_dumps.txt "$run"/summary.json "$OUT/run/" 2>/dev/null
   tar -C "$run" -czf "$OUT/run/plots.tgz" plots 2>/dev/null
   ;;
-eval)
-  python3 -m mcjax.cli eval --run /root/art/runs/smollm2_135m_mc "$@" > "$OUT/eval.log" 2>&1
+eval)  # EVAL_S: seconds for the suites (each suite rewrites report.md, so what finished is copied)
+  timeout "${EVAL_S:-500}" python3 -m mcjax.cli eval --run /root/art/runs/smollm2_135m_mc "$@" > "$OUT/eval.log" 2>&1
   echo "eval rc=$?"
   tail -60 "$OUT/eval.log"
   ev=/root/art/eval/smollm2_135m_mc
