@@ -3,7 +3,8 @@
 # minutes on one warm machine (files under /root survive between them). The GGUF (98 MB) travels
 # in two halves (a call carries ≤ 64 MiB): .device/gguf/part00, then part01; the wheels jax lacks
 # there travel in .whl/ (bench/RESULTS.md).
-#   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1, bench the step
+#   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1
+#   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH (random weights of the real shapes)
 #   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
 #   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT
 # Extra arguments are config overrides of the training run. TRAIN_S: seconds of training per call.
@@ -11,6 +12,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /root/gguf
 export PYTHONPATH=/root/site:.
+export JAX_COMPILATION_CACHE_DIR=/root/jaxcache  # a resumed call reuses the programs the last one compiled
 CFG=configs/smollm2_135m_mc.yaml
 GGUF=/root/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 RUN=(base_model.path=$GGUF telemetry.out_dir=/root/art telemetry.wandb=disabled telemetry.progress=false)
@@ -20,6 +22,8 @@ setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl
   cp .device/gguf/part00 /root/gguf/part00 && cp .device/gguf/SHA256 /root/gguf/SHA256
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+  ;;
+bench)  # the MegaContext step with and without its edits (and the plain step where it fits)
   python3 bench/random_base.py smollm2-135m /root/rand135 > /dev/null
   bench() {  # name T batch overrides...
     local name=$1 t=$2 b=$3; shift 3
@@ -28,9 +32,8 @@ setup)
       telemetry.wandb=disabled "$@" > "$OUT/$name.txt" 2>&1
     tail -12 "$OUT/$name.txt"
   }
-  bench T8192_b8 8192 8
-  bench T16384_b8 16384 8
-  bench T16384_b8_noedits 16384 8 megacontext.edit_candidates=0
+  # BENCH: the sequence lengths to time (T = 8,192 × 8 is in bench/RESULTS.md)
+  for t in ${BENCH:-16384}; do bench "T${t}_b8" "$t" 8; done
   ;;
 train)
   if [ ! -f $GGUF ]; then

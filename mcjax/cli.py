@@ -1,6 +1,6 @@
-"""`mcjax <command>`: prep, train and bench on a config; generate, infer and eval on a trained run.
+"""`mcjax <command>`: prep, train, bench and config on a config; generate, infer and eval on a trained run.
 
-prep, train and bench take `--config FILE`; generate, infer and eval take `--run RUN` (a run
+prep, train, bench and config take `--config FILE`; generate, infer and eval take `--run RUN` (a run
 name under artifacts/runs/ or a run directory). All take trailing `a.b=value`
 overrides. Errors a user can cause are printed as one line (`mcjax: error: ...`) with
 exit code 2, never a traceback; a training run stopped by a non-finite loss, gradient or
@@ -35,6 +35,13 @@ def cmd_train(args) -> None:
     from mcjax.train.loop import train
 
     train(cfg, resume=args.resume)
+
+
+def cmd_config(args) -> None:
+    cfg = _load(args)
+    from mcjax.config_doc import commented_yaml
+
+    sys.stdout.write(commented_yaml(cfg, args.overrides))
 
 
 def cmd_bench(args) -> None:
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the files are up to date")
     p = command("train", cmd_train, "train (prepares the data first if needed)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    command("config", cmd_config, "print the resolved config as YAML, every key with its comment (docs/config.md)")
     p = command("bench", cmd_bench, "time the plain GPT step and the MegaContext step side by side")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--wc-length", type=float, default=0.0, help="variant length × context_tokens (default megacontext.train_wc_length)")

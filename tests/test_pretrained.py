@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the reference implementation: pip install torch transformers safetensors (.ci/run does)")
+torch = pytest.importorskip("torch", reason="the reference implementation: the README's install (pip install -e '.[dev]')")
 pytest.importorskip("transformers")
 
 from conftest import cli_env, tiny_config  # noqa: E402
