@@ -118,6 +118,10 @@ class MegaContextConfig:
     recent_tokens: int = 128  # the protected tail: always at LOD0 (≥ dataset.horizon)
     max_lod: int = 2  # 1: gists of blocks only; 2: also gists of K blocks
     rope: Literal["gaussian", "simple"] = "gaussian"  # gaussian: damp frequency ω by exp(-½(span·ω)²)
+    # The base's RoPE position of a WC entry: global = its first token's position in the history;
+    # compact = its slot in the WC (0, 1, 2, …), so every entry stays within W_max positions of
+    # the end — a base trained to fewer positions than the history can read what is brought back.
+    positions: Literal["global", "compact"] = "global"
     # MegaContext training (mcjax/train/mc_step.py): off trains the plain GPT on raw tokens.
     enabled: bool = False
     num_random_variants: int = 2  # compressed WC variants per sequence, beside the recency baseline

@@ -18,6 +18,7 @@ from mcjax.megacontext.layout import (
     entry_count,
     recency_baseline,
     render,
+    rope_positions,
 )
 
 K, N1, D = 4, 32, 3  # T = 128 tokens, N2 = 8 superblocks of 16 tokens
@@ -201,3 +202,23 @@ def test_render():
     lod = np.array([2, 2, 2, 2, 1, 0], np.int8)
     assert render(lod) == "════─."
 
+
+
+def test_rope_positions_are_global_or_the_slot():
+    """global: each entry's first token's position; compact: its slot (0, 1, 2, … over the valid
+    entries, 0 on padding) — the same as global when the WC is every token raw from 0."""
+    lod = np.full(N1, 1, np.int8)
+    lod[N1 - 2 :] = 0  # 30 gists, then 2 raw blocks: 38 entries at positions 0, 4, …, 116, 120, 121, …, 127
+    wc = ASSEMBLE(jnp.asarray(lod))
+    n = int(wc.valid.sum())
+    assert n == (N1 - 2) + 2 * K
+    np.testing.assert_array_equal(rope_positions(wc, "global"), wc.pos)
+    compact = np.asarray(rope_positions(wc, "compact"))
+    np.testing.assert_array_equal(compact[:n], np.arange(n))
+    assert (compact[n:] == 0).all() and np.asarray(wc.pos)[n - 1] == T - 1
+    raw = ASSEMBLE(jnp.zeros(N1, jnp.int8))
+    np.testing.assert_array_equal(rope_positions(raw, "compact"), raw.pos)
+    batched = jax.vmap(lambda l: assemble(l, LOD0, LOD1, LOD2, CAP))(jnp.stack([jnp.asarray(lod), jnp.zeros(N1, jnp.int8)]))
+    np.testing.assert_array_equal(rope_positions(batched, "compact")[0], compact)
+    with pytest.raises(ValueError, match="megacontext.positions 'slot'"):
+        rope_positions(wc, "slot")

@@ -298,3 +298,33 @@ def test_bench_counts_real_entries_from_its_layouts_when_t_is_8_w_max(tmp_path, 
     assert r["mc_mfu"] == pytest.approx(r["mc_tok_per_sec"] * real / (peak * chips), rel=1e-3)
     assert r["mc_mfu_input"] == pytest.approx(r["mc_tok_per_sec"] * fpt(T) / (peak * chips), rel=1e-3)
     assert r["baseline_mfu"] == pytest.approx(r["baseline_tok_per_sec"] * fpt(T) / (peak * chips), rel=1e-3)
+
+
+def test_compact_positions_put_every_entry_at_its_slot(tmp_path):
+    """megacontext.positions: compact — the base (and the attention rival) read a WC with
+    gists at RoPE positions 0, 1, 2, …: MCForward.hidden equals the GPT on the same entries
+    at those positions, and differs from the global reading of the same WC."""
+    from mcjax.megacontext.attention_rival import tail_attention
+    from mcjax.train.mc_step import MCForward
+    from mcjax.train.setup import build_parts
+
+    cfg = _mc_cfg(tmp_path, positions="compact")
+    parts = build_parts(cfg)
+    params = parts.fresh().params
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
+    fw = MCForward(parts.model, cfg)
+    tokens = jax.random.randint(jax.random.key(0), (1, T + 1), 0, 300)
+    n1 = T // cfg.dataset.block_size
+    lod = np.zeros(n1, np.int8)
+    lod[: n1 // 2] = 1  # the first half as gists: global positions jump by K there
+    wc = fw.assemble(fw.tree(params, tokens), jnp.asarray(lod)[None, None], T)
+    n = int(wc.valid.sum())
+    slots = jnp.where(wc.valid, jnp.arange(T), 0)
+    assert (np.asarray(wc.pos)[0, :n] != np.arange(n)).any()
+    gpt = lambda pos: fw.gpt.apply({"params": params["gpt"]}, embeddings=wc.emb, positions=pos, spans=wc.span)  # noqa: E731
+    got = np.asarray(fw.hidden(params, wc))[0, :n]
+    np.testing.assert_allclose(got, np.asarray(gpt(slots))[0, :n], atol=1e-5)
+    assert np.abs(got - np.asarray(gpt(wc.pos))[0, :n]).max() > 1e-3
+    mass = tail_attention(fw.gpt, params["gpt"], wc, 8, positions="compact")
+    want = tail_attention(fw.gpt, params["gpt"], wc._replace(pos=slots), 8, positions="global")
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want), atol=1e-6)

@@ -74,6 +74,12 @@ def run(tmp_path_factory) -> LoadedRun:
 
 
 @pytest.fixture(scope="module")
+def compact_run(tmp_path_factory) -> LoadedRun:
+    """A run whose base reads the WC at compact positions (megacontext.positions: its slots)."""
+    return fake_run(tmp_path_factory.mktemp("rt_compact"), megacontext={"positions": "compact"})
+
+
+@pytest.fixture(scope="module")
 def gated_run(tmp_path_factory) -> LoadedRun:
     """A run whose base reads gists through the read gate (half open: bias ≈ −1)."""
     return fake_run(tmp_path_factory.mktemp("rt_gate"), gistnet={"read_gate": True, "read_gate_init": -1.0})
@@ -127,7 +133,9 @@ def _synced_equals_prefill(eng: Engine) -> int:
     assert size == eng.rt.sizes[int(np.searchsorted(eng.rt.sizes, n - int(np.cumprod(same).sum())))]
     bias = eng.rt._read_bias(eng.params)
     gate = None if bias is None else (bias, jnp.asarray(wc.lod) > 0)
-    hidden, cache = kc.prefill(gpt, gp, jnp.asarray(wc.emb), jnp.asarray(wc.pos), jnp.asarray(wc.span), gate)
+    at = np.arange(W) if eng.rt.positions == "compact" else wc.pos[0]  # the RoPE positions, computed here
+    assert eng.rt.positions != "compact" or (wc.pos[0, 1:n] > n).any(), "compact positions not exercised"
+    hidden, cache = kc.prefill(gpt, gp, jnp.asarray(wc.emb), jnp.asarray(at)[None], jnp.asarray(wc.span), gate)
     for layer in range(gpt.depth):
         for got, want in ((eng.state.cache.k, cache.k), (eng.state.cache.v, cache.v)):
             np.testing.assert_allclose(np.asarray(got[layer])[0, :, :n], np.asarray(want[layer])[0, :, :n], atol=TOL)
@@ -135,14 +143,15 @@ def _synced_equals_prefill(eng: Engine) -> int:
     return size
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_every_rebuilt_cache_equals_a_prefill_from_scratch(request, gated):
+@pytest.mark.parametrize("kind", ["global", "gated", "compact"])
+def test_every_rebuilt_cache_equals_a_prefill_from_scratch(request, kind):
     """A long stream (ingest beyond W_max, then blocks of decoding with refocus by a random
     LensNet): after every refocus the cache rebuilt from the first changed entry equals a
     fresh prefill of the assembled working context, row by row, and so do the next-token
     logits. Hand-made edits at several depths then drive every rebuild size. With the read
-    gate, the gist slots keep their bias through every rebuild and decode step."""
-    run = request.getfixturevalue("gated_run" if gated else "run")
+    gate, the gist slots keep their bias through every rebuild and decode step. With compact
+    positions every entry, decoded tokens included, sits at its slot."""
+    run = request.getfixturevalue({"global": "run", "gated": "gated_run", "compact": "compact_run"}[kind])
     eng = Engine(run, kind="mc")
     eng.ingest([_stream(147, 2)])  # 147 + 3 blocks = 171 = 21 blocks + 3: the last edit rebuilds 4 slots
     sizes, layouts = set(), []

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcjax.eval.setup import Plan, derive
-from mcjax.megacontext.layout import entry_count
+from mcjax.megacontext.layout import entry_count, rope_positions
 from mcjax.model.gistnet import base_heads
 from mcjax.model.xent import token_nll
 from mcjax.train.mc_step import MCForward
@@ -92,7 +92,8 @@ def _tail_nll(fw: MCForward, tail: int, params, tokens, layouts, capacity: int, 
     wc = fw.assemble(fw.tree(params, tokens), layouts, capacity)  # [R·M, capacity]
     gpt = {"params": params["gpt"]}
     gate = (jnp.full((fw.gpt.depth, base_heads(fw.cfg)), -1e9), wc.lod > 0) if drop else fw.gist_gate(params, wc)
-    hidden = fw.gpt.apply(gpt, embeddings=wc.emb, positions=wc.pos, spans=wc.span if fw.gaussian else None,
+    hidden = fw.gpt.apply(gpt, embeddings=wc.emb, positions=rope_positions(wc, fw.cfg.megacontext.positions),
+                          spans=wc.span if fw.gaussian else None,
                           gist_gate=gate)
     idx = wc.valid.sum(-1)[:, None] - tail + jnp.arange(tail)  # the tail: the last `tail` entries, all raw
     h = jnp.take_along_axis(hidden, idx[..., None], axis=1)

@@ -20,19 +20,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mcjax.megacontext.layout import WorkingContext
+from mcjax.megacontext.layout import WorkingContext, rope_positions
 from mcjax.model.attention import causal_attention
 
 
-def tail_attention(model, params, wc: WorkingContext, tail: int, *, gaussian: bool = True, gate=None) -> jnp.ndarray:
+def tail_attention(model, params, wc: WorkingContext, tail: int, *, gaussian: bool = True, gate=None,
+                   positions: str = "global") -> jnp.ndarray:
     """Attention mass of the last `tail` valid entries' queries on each entry of WCs [B, W].
 
     model/params: the base (GPT or Llama) and its own param tree; gate: the base's read gate
-    (bias [L, N], gist bool [B, W]) or None, applied to the hidden states only.
+    (bias [L, N], gist bool [B, W]) or None, applied to the hidden states only; positions: the
+    entries' RoPE positions (megacontext.positions, `layout.rope_positions`).
     -> f32 [B, L, N, W], summed over the tail queries (each query's row sums to 1).
     """
     b, w = wc.valid.shape
-    cos, sin = model.rope(wc.pos, wc.span if gaussian else None)
+    cos, sin = model.rope(rope_positions(wc, positions), wc.span if gaussian else None)
     x = model.begin(wc.emb)
     idx = wc.valid.sum(-1)[:, None] - tail + jnp.arange(tail)  # [B, tail]
     causal = jnp.arange(w)[None, None, :] <= idx[:, :, None]  # [B, tail, W]

@@ -44,6 +44,19 @@ class WorkingContext(NamedTuple):
     target_valid: jnp.ndarray
 
 
+def rope_positions(wc: WorkingContext, mode: str = "global") -> jnp.ndarray:
+    """The base model's RoPE position of each entry of WCs [..., W] (megacontext.positions):
+    "global" its first token's position in the history (`wc.pos`); "compact" its slot — the
+    valid entries are packed first, so they read 0, 1, 2, … and every entry stays within W
+    positions of the WC's end, however far back in the history its tokens lie (padding: 0)."""
+    if mode == "global":
+        return wc.pos
+    if mode != "compact":
+        raise ValueError(f"megacontext.positions {mode!r}: expected 'global' or 'compact'")
+    slots = jnp.broadcast_to(jnp.arange(wc.pos.shape[-1], dtype=wc.pos.dtype), wc.pos.shape)
+    return jnp.where(wc.valid, slots, 0)
+
+
 LONG = 256  # an axis longer than this (a runtime history's blocks) takes the log-depth paths below
 
 

@@ -21,11 +21,12 @@ How they move:
   ingest(chunk)  append up to P tokens to each tree (new blocks enter at LOD0), LensNet
                  scores the working context (capacity W + P), refocus. No base model:
                  only the final working context needs a cache, and `rebuild` makes it.
-  rebuild(size)  bring the cache up to date with the layout. Entries carry their global
-                 positions, so a cache row stays valid while its entry and every entry
-                 before it are unchanged: recompute from the first slot that differs — a
-                 suffix of `size` slots, one of `prefill_sizes` (W/16^i), the whole working
-                 context being a plain causal prefill. `pending` computes the size needed;
+  rebuild(size)  bring the cache up to date with the layout. An entry's RoPE position is
+                 its global position or its slot (megacontext.positions), so a cache row
+                 stays valid while its entry and every entry before it are unchanged:
+                 recompute from the first slot that differs — a suffix of `size` slots,
+                 one of `prefill_sizes` (W/16^i), the whole working context being a plain
+                 causal prefill. `pending` computes the size needed;
                  the host picks the program (no device conditional: on GPU a conditional
                  costs a host round trip and copies of what passes through it).
   generate       on a synced cache, decode R = refocus_interval tokens in one `lax.scan`
@@ -58,7 +59,7 @@ import jax.numpy as jnp
 
 from mcjax.config import collapse_margin, runtime_capacity
 from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed, refocus, residency
-from mcjax.megacontext.layout import WorkingContext, assemble, block_entry_counts
+from mcjax.megacontext.layout import WorkingContext, assemble, block_entry_counts, rope_positions
 from mcjax.megacontext.tree import StreamTree, append, empty_stream, refresh
 from mcjax.model import kv_cache as kc
 from mcjax.model.gistnet import read_bias
@@ -159,6 +160,7 @@ class MCRuntime:
         self.capacity = runtime_capacity(cfg)
         self.max_lod = cfg.megacontext.max_lod
         self.gaussian = cfg.megacontext.rope == "gaussian"
+        self.positions = cfg.megacontext.positions  # the base's RoPE positions (layout.rope_positions)
         self.margin = collapse_margin(cfg)
         self.sizes = prefill_sizes(self.w, rt.prefill_buckets)
         self.alloc = AllocatorParams.from_config(cfg)
@@ -250,14 +252,15 @@ class MCRuntime:
     def rebuild(self, params, state: MCState, size: int) -> MCState:
         """Recompute `size` cache slots (static: one of `sizes`, chosen on the host from
         `pending`) from each stream's first changed entry — the whole WC when size = W.
-        Entries keep their global positions, so the rows before stay valid."""
+        An entry keeps its global position, and its slot while nothing before it changes, so the
+        rows before stay valid with either megacontext.positions."""
         gpt, w, p = self.gpt, self.w, params["gpt"]
         wc, first, count = self._unchanged(params, state)
         spans = (lambda x: x) if self.gaussian else (lambda x: None)
         bias = self._read_bias(params)
         if size == w:
             gate = None if bias is None else (bias, wc.lod > 0)
-            hidden, cache = kc.prefill(gpt, p, wc.emb, wc.pos, spans(wc.span), gate)
+            hidden, cache = kc.prefill(gpt, p, wc.emb, rope_positions(wc, self.positions), spans(wc.span), gate)
             start = jnp.zeros_like(first)
         else:
             start = jnp.minimum(first, w - size)  # [B]; rows start..start+size-1 cover first..count-1
@@ -266,8 +269,8 @@ class MCRuntime:
             old = jnp.arange(w)[None, None, :] < start[:, None, None]
             new = jnp.broadcast_to(jnp.tril(jnp.ones((size, size), bool)), (idx.shape[0], size, size))
             gate = None if bias is None else (bias, state.cache_lod > 0, take(wc.lod) > 0)
-            hidden, cache = kc.extend(gpt, p, take(wc.emb), take(wc.pos), spans(take(wc.span)), state.cache, old, new, idx,
-                                      gate)
+            hidden, cache = kc.extend(gpt, p, take(wc.emb), take(rope_positions(wc, self.positions)), spans(take(wc.span)),
+                                      state.cache, old, new, idx, gate)
         last = jnp.take_along_axis(hidden, jnp.clip(count - 1 - start, 0, size - 1)[:, None, None], axis=1)[:, 0]
         logits = jnp.where((count > first)[:, None], kc.logits(gpt, p, last), state.logits)
         return state._replace(cache=cache, cache_pos=wc.pos, cache_lod=wc.lod, cache_n=count, logits=logits)
@@ -289,7 +292,8 @@ class MCRuntime:
             ids = ids.at[rows, length].set(tok, mode="drop")
             old = jnp.arange(w)[None, None, :] < n[:, None, None]
             gate = None if bias is None else (bias, cache_lod > 0, jnp.zeros((b, 1), bool))
-            hidden, cache = kc.extend(gpt, p, kc.embed(gpt, p, tok[:, None]), length[:, None], None, cache,
+            at = n if self.positions == "compact" else length  # RoPE position: its slot, or its place in the stream
+            hidden, cache = kc.extend(gpt, p, kc.embed(gpt, p, tok[:, None]), at[:, None], None, cache,
                                       old, jnp.ones((b, 1, 1), bool), n[:, None], gate)
             cache_pos = cache_pos.at[rows, n].set(length, mode="drop")
             cache_lod = cache_lod.at[rows, n].set(0, mode="drop")

@@ -44,7 +44,7 @@ from mcjax.megacontext import edits as E
 from mcjax.megacontext import losses as L
 from mcjax.megacontext.allocator import AllocatorParams, entries, fill_units, never_changed, refocus, unit_scores
 from mcjax.megacontext.attention_rival import rival_scores, tail_attention
-from mcjax.megacontext.layout import WorkingContext, assemble
+from mcjax.megacontext.layout import WorkingContext, assemble, rope_positions
 from mcjax.megacontext.tree import build_tree
 from mcjax.model.gistnet import read_bias
 from mcjax.model.megacontext import MegaContextModel
@@ -132,7 +132,7 @@ class MCForward:
         return self.gpt.apply(
             {"params": params["gpt"]},
             embeddings=wc.emb,
-            positions=wc.pos,
+            positions=rope_positions(wc, self.cfg.megacontext.positions),
             spans=wc.span if self.gaussian else None,
             gist_gate=self.gist_gate(params, wc),
             **extra,
@@ -198,7 +198,8 @@ class MCForward:
         """The training-free rival's entry scores on WCs [R, W] (`attention_rival.py`): the base's
         attention mass from the protected tail, over megacontext.rival_layers. -> f32 [R, W]."""
         tail = self.cfg.megacontext.recent_tokens
-        mass = tail_attention(self.gpt, params["gpt"], wc, tail, gaussian=self.gaussian, gate=self.gist_gate(params, wc))
+        mass = tail_attention(self.gpt, params["gpt"], wc, tail, gaussian=self.gaussian, gate=self.gist_gate(params, wc),
+                              positions=self.cfg.megacontext.positions)
         return rival_scores(mass, wc, tail, tuple(self.cfg.megacontext.rival_layers))
 
     def policy(self, params, tree, start, count: int, capacity: int, key, alloc: AllocatorParams, scorer=None):
