@@ -51,8 +51,12 @@ train)
   mkdir -p "$OUT/run"
   cp "$run"/metrics.jsonl "$run"/lod_dumps.txt "$run"/summary.json "$OUT/run/" 2>/dev/null
   tar -C "$run" -czf "$OUT/run/plots.tgz" plots 2>/dev/null
+  last=$(ls /root/art/deltas/*_edits_*.parquet 2>/dev/null | tail -1)  # the latest edit labels, for their analysis
+  [ -n "$last" ] && cp "$last" "$OUT/run/"
   ;;
-eval)  # EVAL_S: seconds for the suites (each suite rewrites report.md, so what finished is copied)
+eval)  # EVAL_S: seconds for the suites (each suite rewrites report.md, so what finished is copied).
+  # The retrieval suite scores ~1.5 prompt-methods a second on the H100 (bench/RESULTS.md): 220 prompts
+  # at each of 3 lengths do not fit one call; pass eval.retrieval_lengths / eval.retrieval_samples
   timeout "${EVAL_S:-500}" python3 -m mcjax.cli eval --run /root/art/runs/smollm2_135m_mc "$@" > "$OUT/eval.log" 2>&1
   echo "eval rc=$?"
   tail -60 "$OUT/eval.log"

@@ -169,7 +169,7 @@ def main(args) -> None:
     plan = make_plan(run, suites)
     datasets = load_datasets(run, args.data or ())
     _check_data(plan, suites, datasets)
-    from tqdm import tqdm
+    from mcjax.telemetry.progress import bar as progress_bar
 
     out_dir = plan.out_dir
     _clear_stale(out_dir, run.step)
@@ -192,7 +192,7 @@ def main(args) -> None:
     try:
         for suite in suites:
             t0 = time.perf_counter()
-            with tqdm(total=_units(plan, suite, datasets), desc=suite, unit="row", disable=None, file=sys.stderr) as bar:
+            with progress_bar(_units(plan, suite, datasets), suite) as bar:
                 result = runners[suite](plan, datasets, bar)
             _write_suite(out_dir, deltas_dir, result, plan, run.step)
             telemetry.log(run.step, {f"eval/{suite}/{k}": v for k, v in result.scalars.items()})

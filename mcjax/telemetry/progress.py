@@ -1,4 +1,4 @@
-"""Terminal progress: a tqdm bar showing step/total, loss and tok/s.
+"""Terminal progress: a tqdm bar showing step/total, loss and tok/s (training), and the eval suites' bars.
 
 When stderr is not a terminal (CI, redirected logs) there is no bar; instead one plain line is
 written about every 10% of the steps, so logs still show progress. A disabled `Progress`
@@ -69,3 +69,37 @@ class Progress:
             self._bar.close()
             self._bar = None
         self.enabled = False
+
+
+class PlainBar:
+    """tqdm's `update` / `set_postfix_str` for a stderr that is no terminal: one line about every
+    10 % of `total` units (and at the end), so a redirected log still shows how far work is."""
+
+    def __init__(self, total: int, desc: str, unit: str = "row") -> None:
+        self.total, self.desc, self.unit = max(1, int(total)), desc, unit
+        self.n, self._last, self._postfix = 0, 0, ""
+        self._every = max(1, math.ceil(self.total / 10))
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
+        if self.n - self._last >= self._every or (self.n >= self.total > self._last):
+            self._last = self.n
+            tail = f" ({self._postfix})" if self._postfix else ""
+            sys.stderr.write(f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}s ({100 * self.n / self.total:.0f}%){tail}\n")
+            sys.stderr.flush()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self._postfix = s
+
+    def __enter__(self) -> "PlainBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def bar(total: int, desc: str, unit: str = "row"):
+    """A tqdm bar on a terminal, a `PlainBar` otherwise."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
+    return PlainBar(total, desc, unit)

@@ -44,6 +44,7 @@ from mcjax.model.megacontext import MegaContextModel
 from mcjax.telemetry.deltas import edit_table, label_table, write_labels
 from mcjax.train.flops import config_flops_per_token
 from mcjax.train.focus_eval import focus_metrics, make_focus_probe, row_sums
+from mcjax.train.fit import Fitted
 from mcjax.train.mc_step import MCForward, jit_mc_train_step, make_mc_eval_step, make_mc_probe, make_mc_train_step
 from mcjax.train.sharding import batch_sharding, global_batch, replicated
 from mcjax.train.state import TrainState
@@ -90,6 +91,13 @@ class MCRunner:
         sh1, sh0 = batch_sharding(mesh, leading=1), batch_sharding(mesh, leading=0)
         self.sh1, self.sh0 = sh1, sh0
         self.step_fn = jit_mc_train_step(make_mc_train_step(model, tx, cfg), shardings, sh1, sh1, mesh)
+        t = cfg.training
+        self.fitted_step = Fitted(  # compiled per variant width, checked against free memory before it runs
+            self.step_fn,
+            lambda wv: f"the training step ({t.micro_batch_size or t.batch_size} sequences of {cfg.dataset.context_tokens:,} "
+            f"tokens per micro-step, W_max {cfg.wc_capacity:,}, variants of {wv:,} entries)",
+            "lower training.micro_batch_size, megacontext.wc_capacity, megacontext.edit_candidates or dataset.context_tokens",
+        )
         rep = replicated(mesh)
         self.eval_fn = jax.jit(
             make_mc_eval_step(model, cfg), in_shardings=(shardings.model_params(), sh0, sh0, rep), out_shardings=rep, static_argnums=4
@@ -120,7 +128,7 @@ class MCRunner:
     def train_step(self, state: TrainState, tokens: np.ndarray, step: int):
         """One optimizer step on this process's tokens [A, b, T+1]. -> (state, device metrics, host metrics)."""
         batch, ms = self.sample(tokens, step)
-        state, metrics = self.step_fn(
+        state, metrics = self.fitted_step(
             state, global_batch(batch.tokens, self.sh1), global_batch(batch.layouts, self.sh1), batch.variant_capacity
         )
         self.last = batch
