@@ -40,7 +40,7 @@ from mcjax.config import Config
 from mcjax.data.variants import VariantSpec, sample_layouts, variant_capacity
 from mcjax.train.flops import config_flops_per_token, mfu, peak_flops
 from mcjax.train.mc_runner import Batch, MCRunner, timed_ms
-from mcjax.train.memory import device_limit_gb, device_memory
+from mcjax.train.memory import device_limit_gb, device_memory, program_bytes
 from mcjax.train.sharding import batch_sharding, global_batch, make_mesh
 from mcjax.train.setup import build_parts
 from mcjax.train.state import TrainState
@@ -49,11 +49,8 @@ from mcjax.train.step import jit_train_step, make_train_step
 
 def _program_gb(jitted, *args) -> float:
     """GB the compiled program needs: arguments + temporaries + outputs not aliased to inputs."""
-    m = jitted.lower(*args).compile().memory_analysis()
-    if m is None:
-        return float("nan")
-    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return total / 1e9
+    total = program_bytes(jitted.lower(*args).compile().memory_analysis(), arguments=True)
+    return float("nan") if total is None else total / 1e9
 
 
 def bench_inputs(cfg: Config, batch: int) -> tuple[Config, np.ndarray]:

@@ -11,23 +11,24 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_config
-from mcjax.train import fit
+from mcjax.train import fit, memory
 
 
 def test_host_available_bytes_reads_memavailable(tmp_path):
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   17000000 kB\n")
-    assert fit.host_available_bytes(info) == 17_000_000 * 1024
+    assert memory.host_available_bytes(info) == 17_000_000 * 1024
     info.write_text("MemTotal:       24000000 kB\n")
-    assert fit.host_available_bytes(info) is None
-    assert fit.host_available_bytes(tmp_path / "missing") is None
+    assert memory.host_available_bytes(info) is None
+    assert memory.host_available_bytes(tmp_path / "missing") is None
 
 
 def test_new_bytes_counts_temporaries_and_unaliased_outputs():
     a = types.SimpleNamespace(temp_size_in_bytes=700, output_size_in_bytes=300, alias_size_in_bytes=100,
                               argument_size_in_bytes=10_000)
-    assert fit.new_bytes(a) == 900
-    assert fit.new_bytes(None) is None
+    assert memory.program_bytes(a, arguments=False) == 900
+    assert memory.program_bytes(a, arguments=True) == 10_900
+    assert memory.program_bytes(None, arguments=False) is None
 
 
 def test_check_fits_names_the_sizes_and_what_to_lower():
@@ -49,7 +50,7 @@ def test_fitted_compiles_once_per_static_value_and_equals_jit(monkeypatch):
     first = fitted._programs[2]
     fitted(x + 1, 2)
     assert fitted._programs[2] is first  # reused, not recompiled
-    monkeypatch.setattr(fit, "free_bytes", lambda device=None: 0)
+    monkeypatch.setattr(memory, "free_bytes", lambda device=None: 0)
     with pytest.raises(fit.ProgramTooLarge, match=r"^f at 4 needs .* GB of cpu memory beyond its inputs and 0.0 GB is free: hint$"):
         fitted(x, 4)
     assert 4 not in fitted._programs
@@ -66,7 +67,7 @@ def test_a_training_step_too_large_stops_with_one_line_and_no_checkpoint(tmp_pat
         training={"max_steps": 2, "batch_size": 2, "micro_batch_size": 2},
     )
     path = write_config(tmp_path / "mc.yaml", raw)
-    monkeypatch.setattr(fit, "free_bytes", lambda device=None: 1000)
+    monkeypatch.setattr(memory, "free_bytes", lambda device=None: 1000)
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mcjax: error: the training step (2 sequences of 128 tokens per micro-step, W_max 128, variants of")

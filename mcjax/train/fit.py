@@ -10,46 +10,17 @@ available memory).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from mcjax.errors import UserError
+from mcjax.train import memory
 
 
 class ProgramTooLarge(UserError):
     """A compiled program needs more memory than the device has free."""
-
-
-def free_bytes(device: jax.Device | None = None) -> int | None:
-    """Bytes the device can still allocate; None where neither the backend nor the host says."""
-    device = device or jax.local_devices()[0]
-    stats = device.memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    if device.platform == "cpu":
-        return host_available_bytes()
-    return None
-
-
-def host_available_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
-    """The kernel's MemAvailable (bytes); None where the file or the field is missing."""
-    try:
-        for line in Path(meminfo).read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def new_bytes(analysis: Any) -> int | None:
-    """Bytes a program allocates beyond its arguments: temporaries + outputs not aliased to an input."""
-    if analysis is None:
-        return None
-    return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
 
 
 def check_fits(need: int | None, free: int | None, what: str, hint: str) -> None:
@@ -92,7 +63,8 @@ class Fitted:
         compiled = self._programs.get(static)
         if compiled is None:
             compiled = self.jitted.lower(*dynamic, static).compile()
-            check_fits(*tightest(new_bytes(compiled.memory_analysis()), free_bytes()), self.what(static), self.hint)
+            need = memory.program_bytes(compiled.memory_analysis(), arguments=False)  # its inputs are already there
+            check_fits(*tightest(need, memory.free_bytes()), self.what(static), self.hint)
             self._programs[static] = compiled
         return compiled
 
