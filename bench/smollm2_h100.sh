@@ -4,7 +4,7 @@
 # in two halves (a call carries ≤ 64 MiB): .device/gguf/part00, then part01; the wheels jax lacks
 # there travel in .whl/ (bench/RESULTS.md).
 #   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1
-#   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH, edit_group = $EDIT_GROUPS (random weights of the real shapes)
+#   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH (edit_group = $EDIT_GROUPS if set; random weights of the real shapes)
 #   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
 #   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT
 # Extra arguments are config overrides of the training run. TRAIN_S: seconds of training per call.
@@ -33,9 +33,11 @@ bench)  # the MegaContext step with and without its edits (and the plain step wh
     tail -12 "$OUT/$name.txt"
   }
   # BENCH: the sequence lengths to time (T = 8,192 × 8 is in bench/RESULTS.md); EDIT_GROUPS: edit_group values
-  # (the edits' coverage against their cost: each row times mc, mc_no_edits and the plain step)
+  # (the edits' coverage against their cost: each row times mc, mc_no_edits and the plain step); unset: the
+  # config's edits. With edit_halvings on, a G below 32 needs megacontext.edit_halvings ≤ ⌈log2 G⌉ as well.
   for t in ${BENCH:-16384}; do
-    for g in ${EDIT_GROUPS:-8}; do bench "T${t}_g${g}_b8" "$t" 8 megacontext.edit_group="$g" "$@"; done
+    if [ -z "${EDIT_GROUPS:-}" ]; then bench "T${t}_b8" "$t" 8 "$@"; continue; fi
+    for g in $EDIT_GROUPS; do bench "T${t}_g${g}_b8" "$t" 8 megacontext.edit_group="$g" "$@"; done
   done
   ;;
 train)

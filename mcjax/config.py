@@ -153,6 +153,9 @@ class MegaContextConfig:
     edit_expand_share: float = 0.5
     edit_loss_weight: float = 1.0
     edit_group: int = 1  # units each candidate moves at once (group testing: C·G blocks tested per sequence)
+    # rounds halving each sequence's best expand group, one forward each (≤ ⌈log2 edit_group⌉; that many
+    # end on one block): the block that carries a group gets a label of its own
+    edit_halvings: int = 0
     # The training-free rival (megacontext/attention_rival.py): the base's attention mass from the raw
     # tail on each gist, summed over these layers' heads (() = every layer); in the focus probe and eval.
     rival_layers: tuple[int, ...] = ()
@@ -857,6 +860,13 @@ def _validate_mc_training(cfg: Config, fail) -> None:
         fail("megacontext.edit_candidates", "edit_candidates and edit_loss_weight must be ≥ 0")
     if mc.edit_group < 1:
         fail("megacontext.edit_group", f"must be ≥ 1, got {mc.edit_group}")
+    rounds = (mc.edit_group - 1).bit_length()  # ⌈log2 G⌉
+    if not 0 <= mc.edit_halvings <= rounds:
+        fail("megacontext.edit_halvings", f"must be in [0, {rounds}] (⌈log2 edit_group⌉ for edit_group {mc.edit_group}), "
+             f"got {mc.edit_halvings}")
+    if mc.edit_candidates and mc.edit_halvings and round(mc.edit_candidates * mc.edit_expand_share) < 1:
+        fail("megacontext.edit_halvings", "halving narrows the best expand candidate: set megacontext.edit_candidates "
+             "and edit_expand_share so that at least one candidate expands")
     for key in ("edit_explore", "edit_expand_share"):
         if not 0 <= getattr(mc, key) <= 1:
             fail(f"megacontext.{key}", f"must be in [0, 1], got {getattr(mc, key)}")

@@ -124,6 +124,23 @@ def _mc(tmp_path, **mc):
     return cfg, MCForward(parts.model, cfg), params
 
 
+def _edits_of(fw, params, tokens, ref, key, extra: int):
+    """MCForward.edits of on-policy layouts ref [B, N1] (W_v 64), their horizon NLLs, and the
+    horizon NLL of a direct forward of one edited layout of sequence b (`extra` entries more)."""
+    tree = fw.tree(params, tokens)
+    wc = fw.assemble(tree, ref[:, None], 64)
+    scores = fw.scores(params, wc)
+    ref_nll = fw.horizon_nll(params, wc, tokens)
+    out = jax.device_get(fw.edits(params, tree, tokens, ref, wc, scores, ref_nll, 64, key))
+
+    @jax.jit
+    def direct_nll(b, lod):  # one edited layout of sequence b, assembled and read on its own
+        one = fw.assemble(jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, b, 1), tree), lod[None, None], 64 + extra)
+        return fw.horizon_nll(params, one, jax.lax.dynamic_slice_in_dim(tokens, b, 1))[0]
+
+    return out, ref_nll, (wc, scores), lambda b, lod: float(direct_nll(b, lod))
+
+
 def test_an_edit_label_is_the_difference_of_two_forwards(tmp_path):
     """Each candidate's label — here groups of two units — equals the horizon NLL of a direct
     forward of the on-policy layout minus that of the edited layout (expand), or the reverse
@@ -131,23 +148,13 @@ def test_an_edit_label_is_the_difference_of_two_forwards(tmp_path):
     cfg, fw, params = _mc(tmp_path, edit_candidates=4, edit_group=2)
     tokens = jax.random.randint(jax.random.key(0), (2, 65), 0, 300)
     ref = jnp.asarray(np.array([[1, 1, 0, 1, 0, 1, 0, 0], [0, 1, 1, 0, 1, 1, 0, 0]], np.int8))
-    tree = fw.tree(params, tokens)
-    wc = fw.assemble(tree, ref[:, None], 64)
-    scores = fw.scores(params, wc)
-    ref_nll = fw.horizon_nll(params, wc, tokens)
-    cand, pred, value = jax.device_get(fw.edits(params, tree, tokens, ref, wc, scores, ref_nll, 64, jax.random.key(5)))
+    (cand, pred, value), ref_nll, (wc, scores), direct_nll = _edits_of(fw, params, tokens, ref, jax.random.key(5), 14)
     assert cand.units.shape == (2, 4, 2)  # edit_group 2: the raw blocks outside the tail fill one collapse group
     assert cand.valid[:, :3].all() and cand.members[:, :3].all() and not cand.valid[:, 3].any()
-
-    @jax.jit
-    def direct_nll(b, lod):  # one edited layout of sequence b, assembled and read on its own
-        one = fw.assemble(jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, b, 1), tree), lod[None, None], 64 + 14)
-        return fw.horizon_nll(params, one, jax.lax.dynamic_slice_in_dim(tokens, b, 1))[0]
-
     for b in range(2):
         for c in range(3):
             edited = E.apply_edit(ref[b], cand.units[b, c], cand.members[b, c], cand.expand[b, c], 8)
-            direct = float(direct_nll(b, edited))
+            direct = direct_nll(b, edited)
             want = float(ref_nll[b]) - direct if cand.expand[b, c] else direct - float(ref_nll[b])
             assert abs(value[b, c] - want) < 1e-5, (b, c, value[b, c], want)
     us = unit_scores(jax.tree.map(lambda x: x[0], wc), scores[0], 8, 8)
@@ -169,6 +176,11 @@ def test_a_training_loss_with_edits_trains_lensnet_from_them(tmp_path):
     assert labels["edit"].shape == (2, 4) and labels["edit_valid"].all()
     assert np.isfinite(float(metrics["mc/edit_loss"])) and float(metrics["mc/edit_loss"]) > 0
     assert np.abs(np.asarray(grads["lensnet"]["w_out"])).max() > 0
+    # with halving rounds their labels join the set and the last half's value is logged
+    _, fwh, _ = _mc(tmp_path, edit_candidates=4, edit_group=2, edit_halvings=1, lens_loss_weight=0.0, gist_delta_weight=0.0)
+    _, (mh, lh) = jax.jit(lambda p: mc_loss(fwh, p, tokens, layouts, initial_stats(), 64, jax.random.key(0)))(params)
+    assert lh["edit"].shape == (2, 5) and bool(lh["edit_valid"][:, 4].all())
+    assert float(mh["mc/edit_narrowed_members"]) == 1.0 and np.isfinite(float(mh["mc/edit_value_narrowed"]))
     _, fw0, _ = _mc(tmp_path, lens_loss_weight=0.0, gist_delta_weight=0.0)
     g0 = jax.jit(jax.grad(lambda p: mc_loss(fw0, p, tokens, layouts, initial_stats(), 64, jax.random.key(0))[0]))(params)
     assert np.abs(np.asarray(g0["lensnet"]["w_out"])).max() == 0  # without edits nothing trains LensNet here
@@ -198,3 +210,75 @@ def test_the_edit_table_has_the_spec_columns(tmp_path):
         assert r["timestamp"] == 123.5 and r["step"] == 7
     path = write_labels(table, tmp_path / "deltas", "run", 7, kind="edits")
     assert path.name == "run_edits_00000007.parquet" and pq.read_table(path).num_rows == 8
+
+
+def test_halve_takes_the_first_half_of_the_current_members():
+    cur = jnp.array([[True, False, True, True, True], [False, True, False, False, False], [False] * 5])
+    got = np.asarray(E.halve(cur))
+    assert got.tolist() == [[True, False, True, False, False], [False, True, False, False, False], [False] * 5]
+    members, value = E.narrow(cur, jnp.asarray(got), jnp.array([1.0, 1.0, 0.0]), jnp.array([0.6, 0.2, 0.0]))
+    assert np.asarray(members).tolist()[:2] == [[True, False, True, False, False], [False] * 5]
+    np.testing.assert_allclose(np.asarray(value), [0.6, 0.8, 0.0])
+
+
+@pytest.mark.parametrize("group", [2, 5, 8, 32])
+def test_narrowing_ends_on_the_one_block_that_matters(group):
+    """⌈log2 G⌉ rounds from a group whose value one planted member carries (every other member
+    worth a little noise) end on that member, wherever it sits; each round tests at most
+    ⌈G / 2^r⌉ members."""
+    rounds = (group - 1).bit_length()
+    rng = np.random.default_rng(group)
+    for planted in range(group):
+        noise = rng.normal(0, 0.02, group)
+        worth = lambda m: float(np.where(m, noise, 0).sum() + (0.5 if m[planted] else 0.0))  # noqa: E731
+        current = jnp.ones(group, bool)
+        parent = worth(np.ones(group, bool))
+        for r in range(rounds):
+            tested = E.halve(current)
+            assert int(tested.sum()) <= -(-group // 2 ** (r + 1))
+            current, parent = E.narrow(current, tested, parent, worth(np.asarray(tested)))
+        assert np.flatnonzero(np.asarray(current)).tolist() == [planted]
+
+
+def test_halving_rounds_label_halves_of_the_best_expand_group(tmp_path):
+    """With edit_halvings, the h extra candidates are halves of each sequence's best expand
+    group, each a subset of the one before as `narrow` decides, labelled like any edit (a
+    direct forward of the edited layout)."""
+    cfg, fw, params = _mc(tmp_path, edit_candidates=4, edit_group=4, edit_expand_share=0.5, edit_halvings=2)
+    tokens = jax.random.randint(jax.random.key(1), (2, 65), 0, 300)
+    ref = jnp.asarray(np.array([[1, 1, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]], np.int8))
+    (cand, pred, value), ref_nll, _, direct_nll = _edits_of(fw, params, tokens, ref, jax.random.key(2), 28)
+    assert cand.units.shape == (2, 6, 4) and value.shape == pred.shape == (2, 6)
+    assert cand.expand[:, 4:].all() and cand.valid[:, 4:].all()
+
+    for b in range(2):
+        ok = cand.valid[b, :4] & cand.expand[b, :4]
+        best = int(np.argmax(np.where(ok, value[b, :4], -np.inf)))
+        assert (cand.units[b, 4:] == cand.units[b, best]).all()
+        current, parent = cand.members[b, best], value[b, best]
+        for r in (4, 5):
+            tested = cand.members[b, r]
+            assert (tested == np.asarray(E.halve(jnp.asarray(current)))).all() and tested.sum() == -(-current.sum() // 2)
+            edited = E.apply_edit(ref[b], cand.units[b, r], tested, True, 8)
+            assert abs(value[b, r] - (float(ref_nll[b]) - direct_nll(b, edited))) < 1e-5
+            current, parent = E.narrow(jnp.asarray(current), jnp.asarray(tested), parent, value[b, r])
+            current = np.asarray(current)
+        assert current.sum() == 1
+
+
+def test_edit_halvings_is_checked_against_the_group(tmp_path):
+    from conftest import write_config
+
+    from mcjax.config import load_config
+    from mcjax.errors import ConfigError
+
+    mc = {"enabled": True, "recent_tokens": 16, "train_wc_length": 0.5, "curriculum_start": 0.5, "num_policy_variants": 1,
+          "edit_candidates": 4, "edit_group": 5}
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, dataset={"block_size": 8, "horizon": 8}, megacontext=mc))
+    assert load_config(path, ["megacontext.edit_halvings=3"]).megacontext.edit_halvings == 3
+    with pytest.raises(ConfigError, match=r"megacontext.edit_halvings: must be in \[0, 3\] \(⌈log2 edit_group⌉ for edit_group 5\), got 4"):
+        load_config(path, ["megacontext.edit_halvings=4"])
+    with pytest.raises(ConfigError, match="at least one candidate expands"):
+        load_config(path, ["megacontext.edit_halvings=1", "megacontext.edit_expand_share=0"])
+    # edits off: the halvings wait unused
+    assert load_config(path, ["megacontext.edit_halvings=1", "megacontext.edit_candidates=0"]).megacontext.edit_candidates == 0

@@ -16,6 +16,7 @@ from mcjax.train.setup import build_parts
 from mcjax.train.mc_step import MCForward
 from mcjax.data.pipeline import ArrowSequences, row_tasks
 from mcjax.data.variants import VariantSpec, sample_layouts
+from layout_nll import layout_nll
 
 NROWS, DATA = int(sys.argv[1]), sys.argv[2]
 G, K, W = 8, 32, 2048
@@ -33,21 +34,7 @@ print('recency layout:', ''.join('.-='[v] for v in ref), f'({len(gists)} LOD1 gi
 cap = W + G * (K - 1)
 
 
-def nll_fn(fw):
-    @jax.jit
-    def f(p, tok, lays):  # lays int8 [L, N1] -> (horizon mean NLL [L], per-token NLL of the horizon [L, H])
-        tree = fw.tree(p, tok)
-        wc = fw.assemble(tree, lays[None], cap)
-        idx = wc.valid.sum(-1)[:, None] - fw.horizon + jnp.arange(fw.horizon)
-        h = jnp.take_along_axis(fw.hidden(p, wc), idx[..., None], axis=1)
-        toks = jnp.repeat(tok, lays.shape[0], 0)
-        targets = jnp.take_along_axis(toks, jnp.take_along_axis(wc.target, idx, axis=1), axis=1)
-        per = fw._nll(p, h, targets)
-        return per.mean(-1), per
-    return f
-
-
-fns = {k: nll_fn(v) for k, v in modes.items()}
+fns = {k: layout_nll(v, cap) for k, v in modes.items()}
 task, ans, needle = row_tasks(f'{DATA}/val.arrow')
 src = ArrowSequences(f'{DATA}/val.arrow')
 rows = [int(i) for i in np.flatnonzero(task > 0) if ref[needle[i] // K] == 1][:NROWS]

@@ -19,6 +19,18 @@ and LensNet's prediction of it a soft maximum over its members' scores,
 reaches the members in proportion to how much each is believed to carry the group, and a
 block that keeps turning up in useful groups rises (multiple-instance learning).
 
+Group credit alone does not sharpen with G: while LensNet's member scores are alike, each
+member gets 1/G of its group's push, and the one block that matters sits in a tested group
+with probability C·G/N, so it is pushed C/N per step whatever G is. *Narrowing*
+(`edit_halvings` = h) turns a group's label into a block's: after the C candidates, the best
+expand group of each sequence is halved h times — each round labels the first half of the
+current members (one more forward per sequence, at the width of half as many expands) and
+keeps that half when it holds at least half of the parent's value, else the other half with
+the parent's value less the tested half's (adaptive group testing: with one block that
+matters, ⌈log2 G⌉ rounds end on it). The h halves join the candidate set as C + 1 … C + h,
+ranked with the others on the same scale, so the block that carries a group reaches a
+label of its own.
+
 The label of an edit is the *raw value* of its unit: how much lower the horizon NLL is with
 the unit at the finer level,
     expand   e:  v = NLL(ℓ) − NLL(ℓ + e)        (expanding helps: v > 0)
@@ -109,6 +121,30 @@ def apply_edit(lod: jnp.ndarray, units, members, expand, k: int) -> jnp.ndarray:
     return jnp.where(inside.any(0), (inside * level).sum(0), lod).astype(lod.dtype)
 
 
+def halve(current: jnp.ndarray) -> jnp.ndarray:
+    """The half of a group's current members (bool [..., G]) that a narrowing round tests: the
+    first ⌈n/2⌉ of its n members in slot order."""
+    rank = jnp.cumsum(current, axis=-1) - 1
+    return current & (rank < (current.sum(-1, keepdims=True) + 1) // 2)
+
+
+def narrow(current, tested, parent_value, tested_value):
+    """One narrowing step: the tested half (bool [..., G]) when its value holds at least half
+    of the parent's, else the rest of the current members, with the parent's value less the
+    tested half's as that rest's estimate. -> (members bool [..., G], value [...])."""
+    keep = jnp.asarray(tested_value >= parent_value / 2)
+    return (jnp.where(keep[..., None], tested, current & ~tested),
+            jnp.where(keep, tested_value, parent_value - tested_value))
+
+
+def best_expand(cand: Candidates, value: jnp.ndarray):
+    """The expand candidate of highest value of one layout's candidates [C] (values [C]):
+    (units int32 [G], members bool [G] (none when no expand is valid), value [])."""
+    ok = cand.valid & cand.expand
+    i = jnp.argmax(jnp.where(ok, value, -jnp.inf))
+    return cand.units[i], cand.members[i] & ok.any(), jnp.where(ok.any(), value[i], 0.0)
+
+
 def predicted_value(us: UnitScores, cand: Candidates) -> jnp.ndarray:
     """LensNet's prediction of each candidate's raw value, f32 [C] (differentiable in `us`): the
     soft maximum over its members' scores (the member's score itself for one member)."""
@@ -139,10 +175,11 @@ def ranking_loss(pred: jnp.ndarray, value: jnp.ndarray, valid: jnp.ndarray, scal
     return (loss * pair).sum() / jnp.maximum(pair.sum(), 1.0)
 
 
-def metrics(pred: jnp.ndarray, value: jnp.ndarray, cand: Candidates, loss) -> dict:
+def metrics(pred: jnp.ndarray, value: jnp.ndarray, cand: Candidates, loss, narrowed: int = 0) -> dict:
     """Scalars of one batch of edits [B, C]: the loss; the labels' mean by action; per
     sequence the best edit's value and that of the edit LensNet ranks first (its regret is
-    the gap); the Pearson correlation of prediction and label; the share of valid slots."""
+    the gap); the Pearson correlation of prediction and label; the share of valid slots; with
+    `narrowed` halving rounds (the last candidates), the value and size of the last half."""
     from mcjax.megacontext.losses import masked_mean, pearson
 
     valid = cand.valid
@@ -158,4 +195,7 @@ def metrics(pred: jnp.ndarray, value: jnp.ndarray, cand: Candidates, loss) -> di
         "mc/edit_value_chosen": masked_mean(chosen, rows),
         "mc/edit_corr_mean": jnp.nanmean(pearson(pred, value, valid)),
         "mc/edit_valid": valid.mean(dtype=jnp.float32),
-    }
+    } | ({
+        "mc/edit_value_narrowed": masked_mean(value[:, -1], valid[:, -1]),
+        "mc/edit_narrowed_members": masked_mean(cand.members[:, -1].sum(-1).astype(jnp.float32), valid[:, -1]),
+    } if narrowed else {})

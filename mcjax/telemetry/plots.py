@@ -72,7 +72,7 @@ PANELS: tuple[tuple[str, str, list[str]], ...] = (
         "edits",
         "Counterfactual edits: NLL gained by the best and by LensNet's first",
         ["mc/edit_value_best", "mc/edit_value_chosen", "mc/edit_value_expand_mean", "mc/edit_value_collapse_mean",
-         "mc/edit_loss", "mc/edit_corr_mean"],
+         "mc/edit_value_narrowed", "mc/edit_loss", "mc/edit_corr_mean"],
     ),
     (
         "needle",

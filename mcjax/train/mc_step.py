@@ -165,9 +165,10 @@ class MCForward:
 
     def edits(self, params, tree, tokens, ref, wc: WorkingContext, scores, ref_nll, capacity: int, key):
         """Counterfactual utilities of edits (of megacontext.edit_group units each) of each
-        sequence's on-policy layout (`megacontext/edits.py`). ref int8 [B, N1] and its WCs [B, W_v] with LensNet's scores
+        sequence's on-policy layout (`megacontext/edits.py`), then megacontext.edit_halvings
+        rounds narrowing its best expand group. ref int8 [B, N1] and its WCs [B, W_v] with LensNet's scores
         (differentiable) and horizon NLL ref_nll [B]; capacity: the variants' width W_v.
-        -> (candidates [B, C], predicted values f32 [B, C], labels f32 [B, C])."""
+        -> (candidates [B, C + h], predicted values f32 [B, C + h], labels f32 [B, C + h])."""
         mc, (b, n1) = self.cfg.megacontext, ref.shape
         us = jax.vmap(lambda w, s: unit_scores(w, s, n1, self.k))(wc, scores)
         expands = int(round(mc.edit_candidates * mc.edit_expand_share))
@@ -175,13 +176,37 @@ class MCForward:
         draw = lambda key, lod, u: E.candidates(key, lod, u, self.explore, expands, mc.edit_candidates - expands,  # noqa: E731
                                                 mc.edit_explore, mc.policy_temperature, g)
         cand = jax.vmap(draw)(jax.random.split(key, b), ref, us)
-        one = jax.vmap(E.apply_edit, in_axes=(None, 0, 0, 0, None))
-        edited = jax.vmap(one, in_axes=(0, 0, 0, 0, None))(ref, cand.units, cand.members, cand.expand, self.k)
         frozen = jax.lax.stop_gradient((params, tree))  # labels: forward only
-        ewc = self.assemble(frozen[1], edited, capacity + g * (self.k - 1))  # [B·C, …]: an expand adds K − 1 per unit
-        c = cand.units.shape[1]
-        nll = self.horizon_nll(frozen[0], ewc, jnp.repeat(tokens, c, axis=0)).reshape(b, c)
-        value = E.raw_value(nll, jax.lax.stop_gradient(ref_nll), cand.expand)
+        one = jax.vmap(E.apply_edit, in_axes=(None, 0, 0, 0, None))
+        base_nll = jax.lax.stop_gradient(ref_nll)
+
+        def label(units, members, expand, most: int):  # [B, C', G] … -> values [B, C'] (most: members moved at most)
+            edited = jax.vmap(one, in_axes=(0, 0, 0, 0, None))(ref, units, members, expand, self.k)
+            ewc = self.assemble(frozen[1], edited, capacity + most * (self.k - 1))  # [B·C', …]: an expand adds K − 1 per unit
+            c = units.shape[1]
+            nll = self.horizon_nll(frozen[0], ewc, jnp.repeat(tokens, c, axis=0)).reshape(b, c)
+            return E.raw_value(nll, base_nll, expand)
+
+        value = label(cand.units, cand.members, cand.expand, g)
+        if mc.edit_halvings:  # narrow each sequence's best expand group down (edits.py)
+            units, current, parent = jax.vmap(E.best_expand)(cand, value)
+            halves, values = [], []
+            for r in range(mc.edit_halvings):
+                tested = E.halve(current)
+                yes = jnp.ones((b, 1), bool)
+                v = label(units[:, None], tested[:, None], yes, -(-g // 2 ** (r + 1)))[:, 0]
+                halves.append(tested)
+                values.append(v)
+                current, parent = E.narrow(current, tested, parent, v)
+            h = len(halves)
+            members = jnp.stack(halves, axis=1)
+            cand = E.Candidates(
+                jnp.concatenate([cand.units, jnp.repeat(units[:, None], h, axis=1)], axis=1),
+                jnp.concatenate([cand.members, members], axis=1),
+                jnp.concatenate([cand.expand, jnp.ones((b, h), bool)], axis=1),
+                jnp.concatenate([cand.valid, members.any(-1)], axis=1),
+            )
+            value = jnp.concatenate([value, jnp.stack(values, axis=1)], axis=1)
         return cand, jax.vmap(E.predicted_value)(us, cand), value
 
     def gist_gate(self, params, wc: WorkingContext):
@@ -337,7 +362,7 @@ def mc_loss(fw: MCForward, params, tokens, layouts, stats, variant_capacity: int
             edit_loss = E.ranking_loss(pred, value, cand.valid, scale, mc.lens_temperature)
             loss_extra += mc.edit_loss_weight * edit_loss
             edit = {"edit": value, "edit_valid": cand.valid}
-            metrics.update(E.metrics(jax.lax.stop_gradient(pred), value, cand, edit_loss))
+            metrics.update(E.metrics(jax.lax.stop_gradient(pred), value, cand, edit_loss, mc.edit_halvings))
             if details:
                 edit_details = {"edit_units": cand.units, "edit_members": cand.members, "edit_expand": cand.expand,
                                 "edit_valid": cand.valid, "edit_value": value, "edit_pred": jax.lax.stop_gradient(pred)}
