@@ -28,11 +28,13 @@ print('recency layout:', ''.join('.-='[v] for v in ref), flush=True)
 cap = W + 3 * (K - 1)
 
 
-def head_raw(lay):
+def raw(lay, b):
+    """`lay` with block b at LOD0 (its superblock, if at LOD2, at LOD1)."""
     lay = lay.copy()
-    if lay[0] == 2:
-        lay[:K] = 1
-    lay[0] = 0
+    if lay[b] == 2:
+        s = b // K * K
+        lay[s:s + K] = 1
+    lay[b] = 0
     return lay
 
 
@@ -47,12 +49,8 @@ out = []
 t0 = time.time()
 for j, i in enumerate(rows):
     fb = needle[i] // K
-    fact = ref.copy()
-    if fact[fb] == 2:
-        s = fb // K * K
-        fact[s:s + K] = 1
-    fact[fb] = 0
-    lays = jnp.asarray(np.stack([ref, head_raw(ref), fact, head_raw(fact)]))
+    fact = raw(ref, fb)
+    lays = jnp.asarray(np.stack([ref, raw(ref, 0), fact, raw(fact, 0)]))
     tok = src[i]
     hor, per = jax.device_get(nll(params, jnp.asarray(tok[None]), lays))
     a = int(ans[i])

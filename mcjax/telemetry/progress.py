@@ -22,6 +22,26 @@ def _rate(x: float) -> str:
     return f"{x:,.0f}" if math.isfinite(x) else "-"
 
 
+def _plain(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+class _Tenths:
+    """When a plain line is due: about every 10 % of `total` units and once at the end."""
+
+    def __init__(self, total: int, start: int = 0) -> None:
+        self.total = max(1, int(total))
+        self.every = max(1, math.ceil(self.total / 10))
+        self.last = start
+
+    def due(self, n: int) -> bool:
+        if n - self.last >= self.every or n >= self.total > self.last:
+            self.last = n
+            return True
+        return False
+
+
 class Progress:
     """A progress bar over `total_steps` optimizer steps, starting at `initial`."""
 
@@ -29,8 +49,7 @@ class Progress:
         self.total = max(1, int(total_steps))
         self.enabled = enabled
         self._bar: tqdm | None = None
-        self._every = max(1, math.ceil(self.total / 10))
-        self._last_line = initial
+        self._lines = _Tenths(self.total, initial)
         if enabled and sys.stderr.isatty():
             self._bar = tqdm(
                 total=self.total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr
@@ -45,11 +64,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(fields, refresh=True)
-        elif step - self._last_line >= self._every or step >= self.total:
-            if step != self._last_line:
-                self._last_line = step
-                info = ", ".join(f"{k} {v}" for k, v in fields.items())
-                self._plain(f"step {step}/{self.total} ({100 * step / self.total:.0f}%): {info}")
+        elif self._lines.due(step):
+            info = ", ".join(f"{k} {v}" for k, v in fields.items())
+            _plain(f"step {step}/{self.total} ({100 * step / self.total:.0f}%): {info}")
 
     def write(self, line: str) -> None:
         """Print a line above the bar (or plainly, without one)."""
@@ -58,11 +75,7 @@ class Progress:
         if self._bar is not None:
             tqdm.write(line, file=sys.stderr)
         else:
-            self._plain(line)
-
-    def _plain(self, line: str) -> None:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+            _plain(line)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -76,17 +89,15 @@ class PlainBar:
     10 % of `total` units (and at the end), so a redirected log still shows how far work is."""
 
     def __init__(self, total: int, desc: str, unit: str = "row") -> None:
-        self.total, self.desc, self.unit = max(1, int(total)), desc, unit
-        self.n, self._last, self._postfix = 0, 0, ""
-        self._every = max(1, math.ceil(self.total / 10))
+        self.desc, self.unit = desc, unit
+        self._lines = _Tenths(total)
+        self.total, self.n, self._postfix = self._lines.total, 0, ""
 
     def update(self, n: int = 1) -> None:
         self.n += int(n)
-        if self.n - self._last >= self._every or (self.n >= self.total > self._last):
-            self._last = self.n
+        if self._lines.due(self.n):
             tail = f" ({self._postfix})" if self._postfix else ""
-            sys.stderr.write(f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}s ({100 * self.n / self.total:.0f}%){tail}\n")
-            sys.stderr.flush()
+            _plain(f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}s ({100 * self.n / self.total:.0f}%){tail}")
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self._postfix = s

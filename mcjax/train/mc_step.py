@@ -155,13 +155,17 @@ class MCForward:
         nll = self._nll(params, hidden, jnp.take_along_axis(tokens, wc.target, axis=1))
         return jnp.where(wc.valid, nll, 0.0), hidden
 
-    def horizon_nll(self, params, wc: WorkingContext, tokens):
-        """Mean NLL of the horizon — the last H entries, raw in every layout — of WCs [R, W];
-        tokens int [R, T+1]. Only those entries go through the head. -> f32 [R]."""
+    def horizon_token_nll(self, params, wc: WorkingContext, tokens):
+        """NLL of each horizon token — the last H entries, raw in every layout — of WCs [R, W];
+        tokens int [R, T+1]. Only those entries go through the head. -> f32 [R, H]."""
         idx = wc.valid.sum(-1)[:, None] - self.horizon + jnp.arange(self.horizon)  # [R, H]
         h = jnp.take_along_axis(self.hidden(params, wc), idx[..., None], axis=1)
         targets = jnp.take_along_axis(tokens, jnp.take_along_axis(wc.target, idx, axis=1), axis=1)
-        return self._nll(params, h, targets).mean(-1)
+        return self._nll(params, h, targets)
+
+    def horizon_nll(self, params, wc: WorkingContext, tokens):
+        """Mean NLL of the horizon of WCs [R, W] (`horizon_token_nll`). -> f32 [R]."""
+        return self.horizon_token_nll(params, wc, tokens).mean(-1)
 
     def edits(self, params, tree, tokens, ref, wc: WorkingContext, scores, ref_nll, capacity: int, key):
         """Counterfactual utilities of edits (of megacontext.edit_group units each) of each
