@@ -116,6 +116,9 @@ class LensNetConfig:
 class MegaContextConfig:
     wc_capacity: int = 0  # W_max, entries in a working context; 0 = dataset.context_tokens
     recent_tokens: int = 128  # the protected tail: always at LOD0 (≥ dataset.horizon)
+    # the protected head: the first sink_tokens tokens (a multiple of dataset.block_size) stay at LOD0 in
+    # every layout — the base's attention sink; a gist there reads worse (bench/RESULTS.md)
+    sink_tokens: int = 0
     max_lod: int = 2  # 1: gists of blocks only; 2: also gists of K blocks
     rope: Literal["gaussian", "simple"] = "gaussian"  # gaussian: damp frequency ω by exp(-½(span·ω)²)
     # The base's RoPE position of a WC entry: global = its first token's position in the history;
@@ -680,16 +683,21 @@ def _validate_tasks(d: DatasetConfig, fail) -> None:
         fail("dataset.tasks", f"the shares sum to {sum(d.tasks.values()):g}, more than 1")
 
 
-def min_wc_entries(num_blocks: int, k: int, recent_tokens: int, max_lod: int) -> int:
-    """Entries of the most compressed layout: the tail at LOD0, the rest in gists.
+def _head(mc: MegaContextConfig) -> str:
+    """The protected head's words in an error line (empty without a head)."""
+    return f" and head ({mc.sink_tokens})" if mc.sink_tokens else ""
 
-    Complete superblocks before the tail collapse to one LOD2 gist each (max_lod 2);
+
+def min_wc_entries(num_blocks: int, k: int, recent_tokens: int, max_lod: int, sink_tokens: int = 0) -> int:
+    """Entries of the most compressed layout: the tail and the head (sink) at LOD0, the rest in gists.
+
+    Complete superblocks between head and tail collapse to one LOD2 gist each (max_lod 2);
     every other block is one LOD1 gist.
     """
-    tail = -(-recent_tokens // k)
-    head = num_blocks - tail
-    supers = head // k if max_lod >= 2 else 0
-    return tail * k + supers + (head - supers * k)
+    tail, head = -(-recent_tokens // k), -(-sink_tokens // k)
+    middle = max(num_blocks - tail - head, 0)
+    supers = max((num_blocks - tail) // k - (-(-head // k)), 0) if max_lod >= 2 else 0
+    return (tail + head) * k + supers + (middle - supers * k)
 
 
 def _validate_megacontext(cfg: Config, fail) -> None:
@@ -719,12 +727,15 @@ def _validate_megacontext(cfg: Config, fail) -> None:
         fail("megacontext.recent_tokens", f"the protected tail ({mc.recent_tokens}) must cover dataset.horizon ({d.horizon})")
     if mc.recent_tokens % k or mc.recent_tokens >= t:
         fail("megacontext.recent_tokens", f"must be a multiple of dataset.block_size ({k}) below context_tokens ({t}), got {mc.recent_tokens}")
+    if mc.sink_tokens < 0 or mc.sink_tokens % k or mc.sink_tokens + mc.recent_tokens >= t:
+        fail("megacontext.sink_tokens", f"must be a multiple of dataset.block_size ({k}) with sink_tokens + recent_tokens "
+             f"below context_tokens ({t}), got {mc.sink_tokens}")
     w = cfg.wc_capacity
-    if mc.wc_capacity < 0 or w < mc.recent_tokens + k:
-        fail("megacontext.wc_capacity", f"{w} is smaller than the protected tail ({mc.recent_tokens}) plus one block ({k})")
+    if mc.wc_capacity < 0 or w < mc.recent_tokens + mc.sink_tokens + k:
+        fail("megacontext.wc_capacity", f"{w} is smaller than the protected tail ({mc.recent_tokens}){_head(mc)} plus one block ({k})")
     if w < t and mc.max_lod >= 2 and t % (k * k):
         fail("dataset.context_tokens", f"{t} is longer than W_max ({w}) but not a multiple of K² = {k * k}: a long history is built of whole superblocks")
-    least = min_wc_entries(t // k, k, mc.recent_tokens, mc.max_lod)
+    least = min_wc_entries(t // k, k, mc.recent_tokens, mc.max_lod, mc.sink_tokens)
     if w < least:
         fail("megacontext.wc_capacity", f"{w} cannot hold even the most compressed layout of {t} tokens ({least} entries)")
     _validate_mc_training(cfg, fail)
@@ -804,15 +815,16 @@ def validate_runtime(cfg: Config) -> None:
     margin = collapse_margin(cfg)
     budget = cfg.wc_capacity - rt.refocus_interval - margin
     where = cfg.source_file
-    if budget < mc.recent_tokens + k:
+    if budget < mc.recent_tokens + mc.sink_tokens + k:
         raise ConfigError(
             f"{where}: megacontext.wc_capacity: W_max {cfg.wc_capacity} − runtime.refocus_interval "
             f"{rt.refocus_interval} − runtime.collapse_margin {margin} = {budget} entries is smaller "
-            f"than the protected tail ({mc.recent_tokens}) plus one block ({k})"
+            f"than the protected tail ({mc.recent_tokens}){_head(mc)} plus one block ({k})"
         )
     blocks = -(-rt.max_tokens // k)
     tail = mc.recent_tokens + k  # a partly filled last block lengthens the raw tail by up to one block
-    least = max(min_wc_entries(n, k, min(tail, n * k), mc.max_lod) for n in range(1, blocks + 1))
+    least = max(min_wc_entries(n, k, min(tail, n * k), mc.max_lod, min(mc.sink_tokens, max(n * k - tail, 0)))
+                for n in range(1, blocks + 1))
     if least > budget:
         raise ConfigError(
             f"{where}: runtime.max_tokens: the most compressed layout of {rt.max_tokens:,} tokens needs "

@@ -112,6 +112,10 @@ def cases(draw):
         if s * K + K > N1 - tail and lod[s * K] == 2:
             lod[blocks] = 1  # a LOD2 superblock may not reach into the tail
     lod[N1 - tail :] = 0
+    sink = draw(st.sampled_from([0, 0, K, 2 * K]))  # the protected head
+    if sink and (lod[:K] == 2).any():
+        lod[:K] = 1  # a LOD2 superblock may not hold the head
+    lod[: sink // K] = 0
     scores = rng.uniform(-1, 1, CAP).astype(np.float32)
     if draw(st.booleans()):
         scores = np.round(scores * 2) / 2  # ties
@@ -120,6 +124,7 @@ def cases(draw):
         k=K,
         w_max=int(np.clip(entry_count(lod, K) + draw(st.integers(-24, 40)), tail * K + 1, T)),
         recent_tokens=recent,
+        sink_tokens=sink,
         max_lod=max_lod,
         max_replacements=draw(st.sampled_from([1, 3])),  # few static combos: few compiles
         expand_threshold=draw(st.sampled_from([0.0, 0.1, 0.4, 0.8])),
@@ -136,13 +141,13 @@ def cases(draw):
 @given(cases())
 def test_refocus_invariants(case):
     old, scores, last, p, seed = case
-    check_layout(old, K, recent_tokens=p.recent_tokens)
+    check_layout(old, K, recent_tokens=p.recent_tokens, sink_tokens=p.sink_tokens)
     new, new_last, stats = run(old, scores, p, last=last, key=seed % 1000)
     before, after = entry_count(old, K), entry_count(new, K)
     fits = before <= p.w_max
 
     # a valid layout; within budget whenever the input was; never growing otherwise
-    check_layout(new, K, capacity=p.w_max if fits else None, recent_tokens=p.recent_tokens)
+    check_layout(new, K, capacity=p.w_max if fits else None, recent_tokens=p.recent_tokens, sink_tokens=p.sink_tokens)
     if p.max_lod == 1:
         assert not (new == 2).any()
     if not fits:
@@ -155,7 +160,7 @@ def test_refocus_invariants(case):
 
     # frozen blocks: the tail and blocks in cooldown
     tail = -(-p.recent_tokens // K)
-    frozen = (np.arange(N1) >= N1 - tail) | (STEP - last < p.cooldown_steps)
+    frozen = (np.arange(N1) >= N1 - tail) | (np.arange(N1) < p.sink_tokens // K) | (STEP - last < p.cooldown_steps)
     assert (new[frozen] == old[frozen]).all()
     # last_changed is stamped exactly on the changed blocks
     changed = new != old

@@ -201,6 +201,20 @@ def test_wc_capacity_must_hold_the_most_compressed_layout(tmp_path):
     assert "cannot hold even the most compressed layout of 2048 tokens (188 entries)" in msg
 
 
+def test_the_protected_head_is_counted_and_checked(tmp_path):
+    from mcjax.config import min_wc_entries
+
+    # T = 4096, K = 32, tail 4 blocks, head 1 block: superblock 0 holds the head and 3 the
+    # tail, so superblocks 1 and 2 collapse to LOD2 and blocks 1-31 and 96-123 stay LOD1 gists
+    assert min_wc_entries(128, 32, 128, 2, 32) == (4 + 1) * 32 + 2 + 31 + 28
+    assert min_wc_entries(128, 32, 128, 1, 32) == (4 + 1) * 32 + 123
+    assert min_wc_entries(128, 32, 128, 2) == 4 * 32 + 3 + 28  # without a head superblock 0 collapses too
+    assert "megacontext.sink_tokens: must be a multiple of dataset.block_size (32)" in _error(
+        tmp_path, ["megacontext.sink_tokens=16"])
+    msg = _error(tmp_path, ["dataset.context_tokens=256", "megacontext.sink_tokens=32", "megacontext.wc_capacity=64"])
+    assert "megacontext.wc_capacity: 64 is smaller than the protected tail (32) and head (32) plus one block (32)" in msg
+
+
 def test_tail_must_cover_horizon(tmp_path):
     msg = _error(tmp_path, ["dataset.horizon=48"])
     assert "megacontext.recent_tokens: the protected tail (32) must cover dataset.horizon (48)" in msg

@@ -31,18 +31,19 @@ def _scores(lod, seed):
 
 def test_candidates_are_distinct_legal_single_edits():
     """Whatever the layout: every valid candidate is an eligible unit (right level, outside
-    the tail), no unit twice, and applying it gives a valid layout one level away that
+    the tail and the head), no unit twice, and applying it gives a valid layout one level away that
     differs only inside that unit, with K − 1 entries more (expand) or fewer (collapse)."""
-    p = AllocatorParams(k=K, w_max=T, recent_tokens=2 * K, max_lod=2)
+    p = AllocatorParams(k=K, w_max=T, recent_tokens=2 * K, sink_tokens=K, max_lod=2)
     draw = jax.jit(lambda key, lod, us: E.candidates(key, lod, us, p, 5, 5, 0.5, 0.3))
     for seed in range(20):
         rng = np.random.default_rng(seed)
         lod = (rng.random(N1) < 0.6).astype(np.int8)
-        for s in range(N1 // K - 1):
+        for s in range(1, N1 // K - 1):
             if rng.random() < 0.3:
                 lod[s * K : (s + 1) * K] = 2
         lod[-2:] = 0
-        check_layout(lod, K, recent_tokens=2 * K)
+        lod[0] = 0
+        check_layout(lod, K, recent_tokens=2 * K, sink_tokens=K)
         cand = jax.device_get(draw(jax.random.key(seed), jnp.asarray(lod), _scores(lod, seed)))
         assert list(cand.expand) == [True] * 5 + [False] * 5 and cand.units.shape == (10, 1)
         assert (cand.valid == cand.members[:, 0]).all()
@@ -50,7 +51,7 @@ def test_candidates_are_distinct_legal_single_edits():
         assert len(ids) == len(set(ids))
         for u, e in ids:
             new = np.asarray(E.apply_edit(jnp.asarray(lod), u, True, e, K))
-            check_layout(new, K, recent_tokens=2 * K)
+            check_layout(new, K, recent_tokens=2 * K, sink_tokens=K)
             blocks = [u] if u < N1 else list(range((u - N1) * K, (u - N1 + 1) * K))
             assert (np.flatnonzero(new != lod) == blocks).all()
             assert entry_count(new, K) - entry_count(lod, K) == (K - 1) * (1 if e else -1)

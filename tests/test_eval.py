@@ -134,26 +134,31 @@ def test_full_layout_reference_is_the_gpts_own_forward_and_its_delta_is_zero(run
 
 
 @settings(max_examples=60, deadline=None)
-@given(n1=st.integers(6, 40), tail=st.integers(1, 5), frac=st.floats(0.05, 1.0), seed=st.integers(0, 10**6))
-def test_budgeted_layouts_are_valid_and_within_budget(n1, tail, frac, seed):
+@given(n1=st.integers(6, 40), tail=st.integers(1, 5), head=st.integers(0, 2), frac=st.floats(0.05, 1.0),
+       seed=st.integers(0, 10**6))
+def test_budgeted_layouts_are_valid_and_within_budget(n1, tail, head, frac, seed):
+    from mcjax.config import min_wc_entries
     from mcjax.eval import policies as P
 
+    head = min(head, n1 - tail - 1)  # head, tail and one free block (the config's check)
     budget = int(frac * n1 * K)
-    for name, lod in (("floor", P.floor(n1, K, tail, budget)), ("recency", P.recency(n1, K, tail, budget)),
-                      ("random", P.random(np.random.default_rng(seed), n1, K, tail, budget))):
+    # the most compressed layout is the one the config's arithmetic counts
+    assert entry_count(P.lod2(n1, K, tail, head), K) == min_wc_entries(n1, K, tail * K, 2, head * K)
+    for name, lod in (("floor", P.floor(n1, K, tail, budget, head=head)), ("recency", P.recency(n1, K, tail, budget, head=head)),
+                      ("random", P.random(np.random.default_rng(seed), n1, K, tail, budget, head=head))):
         if lod is None:  # only when even the most compressed layout does not fit
-            assert entry_count(P.lod2(n1, K, tail), K) > budget, name
+            assert entry_count(P.lod2(n1, K, tail, head), K) > budget, name
             continue
-        check_layout(lod, K, capacity=budget, recent_tokens=tail * K)
-        if name == "recency":  # the raw blocks are a suffix, as long as the budget allows
-            raw = np.flatnonzero(lod == 0)
+        check_layout(lod, K, capacity=budget, recent_tokens=tail * K, sink_tokens=head * K)
+        if name == "recency":  # the raw blocks past the head are a suffix, as long as the budget allows
+            raw = np.flatnonzero(lod[head:] == 0) + head
             assert np.array_equal(raw, np.arange(n1 - len(raw), n1))
             before = n1 - len(raw) - 1
-            assert before < 0 or lod[before] != 1 or entry_count(lod, K) + K - 1 > budget
+            assert before < head or lod[before] != 1 or entry_count(lod, K) + K - 1 > budget
         if name == "random":
-            assert entry_count(lod, K) > budget - (K - 1) or not (lod[: n1 - tail] == 0).any()
-    assert np.array_equal(P.random(np.random.default_rng(seed), n1, K, tail, budget),
-                          P.random(np.random.default_rng(seed), n1, K, tail, budget))
+            assert entry_count(lod, K) > budget - (K - 1) or not (lod[head : n1 - tail] == 0).any()
+    assert np.array_equal(P.random(np.random.default_rng(seed), n1, K, tail, budget, head=head),
+                          P.random(np.random.default_rng(seed), n1, K, tail, budget, head=head))
 
 
 def test_lensnet_layouts_come_from_the_runtime_engine_within_budget(runs):
@@ -166,6 +171,18 @@ def test_lensnet_layouts_come_from_the_runtime_engine_within_budget(runs):
     for lod in lay:
         check_layout(lod, K, capacity=96, recent_tokens=plan.tail)
     assert np.array_equal(lay, P.lensnet_layouts(plan, rows, 96))
+
+
+def test_a_protected_head_stays_raw_in_every_budgeted_policy(runs):
+    from mcjax.eval import policies as P
+    from mcjax.eval.data import load_datasets
+
+    plan = _plan(runs, f"megacontext.sink_tokens={K}")
+    assert plan.head == K and plan.least_entries(256) > _plan(runs).least_entries(256)
+    rows = load_datasets(plan.run)[1].rows(256, 3)
+    for lay in (P.lensnet_layouts(plan, rows, 96), P.scored_fill(plan, rows, 96, "lensnet")):
+        for lod in lay:
+            check_layout(lod, K, capacity=96, recent_tokens=plan.tail, sink_tokens=K)
 
 
 # ----------------------------------------------------------------------------- generators

@@ -178,6 +178,21 @@ def test_recency_baseline_examples():
         recency_baseline(N1, K, 31, max_lod=1)
 
 
+def test_recency_baseline_with_a_protected_head_and_tail():
+    """sink_tokens keeps the first blocks raw; recent_tokens keeps the tail raw while LOD2
+    superblocks between them pay for it; the rest expands from the end as before."""
+    assert render(recency_baseline(N1, K, 128, sink_tokens=K)) == "." * 32
+    assert render(recency_baseline(N1, K, 40, sink_tokens=K)) == "." + "─" * 30 + "."  # 4 + 30 + 4 = 38; one more: 41
+    assert render(recency_baseline(N1, K, 35, sink_tokens=K)) == "." + "─" * 31  # 4 + 31 = 35
+    lod = recency_baseline(N1, K, 35, sink_tokens=K, recent_tokens=2 * K)
+    assert render(lod) == "." + "─" * 3 + "═" * 8 + "─" * 18 + ".."  # 4 + 3 + 2 + 18 + 8 = 35
+    check_layout(lod, K, capacity=35, recent_tokens=2 * K, sink_tokens=K)
+    # the superblock holding the tail never goes to LOD2: 4 + 3 + 6 + 2 + 8 = 23
+    assert render(recency_baseline(N1, K, 24, sink_tokens=K, recent_tokens=2 * K)) == "." + "─" * 3 + "═" * 24 + "──.."
+    with pytest.raises(ValueError, match="do not fit in 20 entries"):
+        recency_baseline(N1, K, 20, sink_tokens=K, recent_tokens=2 * K)
+
+
 def test_check_layout_errors():
     bad_super = np.zeros(N1, np.int8)
     bad_super[1:5] = 2  # straddles two superblocks

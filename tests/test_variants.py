@@ -17,10 +17,10 @@ from conftest import tiny_config
 K = 8
 
 
-def _spec(n1=32, recent=16, lod2=0.3, variants=2, capacity=None) -> VariantSpec:
+def _spec(n1=32, recent=16, lod2=0.3, variants=2, capacity=None, sink=0, policy=0) -> VariantSpec:
     return VariantSpec(
         num_blocks=n1, block_size=K, capacity=capacity or n1 * K, recent_tokens=recent,
-        max_lod=2, num_variants=variants, lod2_probability=lod2,
+        max_lod=2, num_variants=variants, lod2_probability=lod2, sink_tokens=sink, num_policy=policy,
     )
 
 
@@ -44,6 +44,24 @@ def test_variants_are_valid_and_hit_the_target(n1, tail, lod2, frac, seed):
         if lod2 == 0:  # ... and, with LOD1 collapses only, not overshot by a whole block
             assert count > target - (K - 1)
     assert lod2 or not (lod == 2).any()
+
+
+@pytest.mark.parametrize("sink", [K, 2 * K, 9 * K])
+def test_the_protected_head_stays_raw_in_every_layout(sink):
+    """With sink_tokens, the baseline, every random variant and the policy start keep the first
+    sink_tokens tokens at LOD0; no LOD2 superblock holds them; min_wc_entries is the most
+    compressed such layout's size."""
+    from mcjax.config import min_wc_entries
+
+    spec = _spec(n1=32, recent=16, lod2=1.0, variants=3, capacity=120, sink=sink, policy=1)
+    lays = sample_layouts(spec, 60, seed=0, step=3, rows=np.arange(4))
+    for lod in lays.reshape(-1, 32):
+        check_layout(lod, K, recent_tokens=16, sink_tokens=sink)
+    least = min_wc_entries(32, K, 16, 2, sink)
+    tight = sample_variant(np.random.default_rng(1), spec, target=1)  # as compressed as it goes
+    assert entry_count(tight, K) == least
+    # head tokens + tail tokens + LOD2 superblocks wholly between them + the other LOD1 gists
+    assert least == {K: 8 + 16 + 2 + 13, 2 * K: 16 + 16 + 2 + 12, 9 * K: 72 + 16 + 1 + 13}[sink]
 
 
 def test_lod2_probability_one_collapses_every_superblock_that_fits():

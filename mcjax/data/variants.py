@@ -6,7 +6,8 @@ sequence down to a target length. The target anneals over training: from
 `curriculum_start` × T entries at step 0 to `train_wc_length` × T after
 `curriculum_ratio` of the steps, then holds.
 
-A variant is drawn as follows (blocks of K tokens; the last `recent_tokens` stay LOD0):
+A variant is drawn as follows (blocks of K tokens; the last `recent_tokens` and the first
+`sink_tokens` stay LOD0):
   1. every complete superblock of K blocks outside the tail collapses to one LOD2 gist
      with probability `lod2_probability`, unless that would take the layout below target;
   2. LOD0 blocks outside the tail, in a random order, collapse to LOD1 gists until the
@@ -44,6 +45,7 @@ class VariantSpec:
     num_variants: int  # N
     lod2_probability: float
     num_policy: int = 0  # P: on-policy slots after the random variants
+    sink_tokens: int = 0  # protected head, a multiple of K
 
     @classmethod
     def from_config(cls, cfg) -> VariantSpec:
@@ -57,6 +59,7 @@ class VariantSpec:
             num_variants=mc.num_random_variants,
             lod2_probability=mc.lod2_probability if mc.max_lod >= 2 else 0.0,
             num_policy=mc.num_policy_variants,
+            sink_tokens=mc.sink_tokens,
         )
 
     @property
@@ -78,14 +81,15 @@ def sample_variant(rng: np.random.Generator, spec: VariantSpec, target: int) -> 
     """One random compressed layout with at most `target` entries (see the module doc). int8 [N1]."""
     n1, k = spec.num_blocks, spec.block_size
     free = n1 - spec.recent_tokens // k  # blocks before the protected tail
+    head = spec.sink_tokens // k  # blocks of the protected head
     lod = np.zeros(n1, np.int8)
     count = n1 * k
     if spec.lod2_probability > 0:
-        for s in range(0, (free // k) * k, k):  # complete superblocks wholly outside the tail
+        for s in range(-(-head // k) * k, (free // k) * k, k):  # complete superblocks wholly between head and tail
             if rng.random() < spec.lod2_probability and count - (k * k - 1) >= target:
                 lod[s : s + k] = 2
                 count -= k * k - 1
-    for b in rng.permutation(free):
+    for b in head + rng.permutation(free - head):
         if count <= target:
             break
         if lod[b] == 0:
@@ -107,7 +111,8 @@ def sample_layouts(
     Returns int8 [B, 1 + N + P, N1]. Row r at step s draws from its own generator seeded by
     (stream, seed, s, r), so layouts do not depend on the batch split over processes.
     """
-    base = recency_baseline(spec.num_blocks, spec.block_size, spec.capacity, max_lod=spec.max_lod)
+    base = recency_baseline(spec.num_blocks, spec.block_size, spec.capacity, max_lod=spec.max_lod, sink_tokens=spec.sink_tokens,
+                            recent_tokens=spec.recent_tokens)
     target = min(target, spec.capacity)
     n = spec.num_variants
     out = np.empty((len(rows), 1 + n + spec.num_policy, spec.num_blocks), np.int8)
@@ -124,8 +129,9 @@ def policy_start(spec: VariantSpec, target: int) -> np.ndarray:
     """The layout on-policy variants start from: the recency layout within min(target, W_max)
     entries (at least the most compressed layout's). int8 [N1]."""
     k = spec.block_size
-    least = min_wc_entries(spec.num_blocks, k, spec.recent_tokens, spec.max_lod)
-    return recency_baseline(spec.num_blocks, k, max(min(target, spec.capacity), least), max_lod=spec.max_lod)
+    least = min_wc_entries(spec.num_blocks, k, spec.recent_tokens, spec.max_lod, spec.sink_tokens)
+    return recency_baseline(spec.num_blocks, k, max(min(target, spec.capacity), least), max_lod=spec.max_lod,
+                            sink_tokens=spec.sink_tokens, recent_tokens=spec.recent_tokens)
 
 
 def variant_capacity(target: int, spec: VariantSpec) -> int:

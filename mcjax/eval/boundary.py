@@ -44,9 +44,9 @@ def make_row(plan: Plan, filler: np.ndarray, length: int, offset: int, sample: i
     name = word.replace("-", "_")
     pieces = [f"\n{name} =", f" {number}", ";\n", f"\n{name} =", f" {number}"]
     pre, num, post, question, answer = (np.asarray(x, np.int32) for x in tok.encode_batch(pieces))
-    n1, tb = length // k, plan.tail // k
+    n1, tb, hb = length // k, plan.tail // k, plan.head // k
     supers = (n1 - tb) // k
-    block = supers * k // 2 if supers else (n1 - tb) // 2
+    block = supers * k // 2 if supers else hb + (n1 - tb - hb) // 2  # never in the protected head
     start = block * k + offset - len(pre)  # the definition's first token
     tail_text = len(question) + len(answer)
     if tail_text > plan.tail:
@@ -66,16 +66,16 @@ def make_row(plan: Plan, filler: np.ndarray, length: int, offset: int, sample: i
 def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
     ev, k = plan.ev, plan.k
     length = plan.boundary_length()
-    n1, tb = length // k, plan.tail // k
+    n1, tb, hb = length // k, plan.tail // k, plan.head // k
     scorer = Scorer(plan, length)
     filler = filler_tokens(datasets, plan.run.tokenizer.bos_id)
     items = [(o, s, *make_row(plan, filler, length, o, s)) for o in range(k) for s in range(ev.boundary_samples)]
     rows = np.stack([it[2] for it in items])
     settings = {"block": np.stack([_block_layout(n1, touched) for *_, touched in items])}
-    settings["lod1"] = np.broadcast_to(P.lod1(n1, k, tb), rows.shape[:1] + (n1,))
+    settings["lod1"] = np.broadcast_to(P.lod1(n1, k, tb, hb), rows.shape[:1] + (n1,))
     skipped = []
-    if plan.max_lod >= 2 and (n1 - tb) // k:
-        settings["lod2"] = np.broadcast_to(P.lod2(n1, k, tb), rows.shape[:1] + (n1,))
+    if plan.max_lod >= 2 and len(P.superblocks(n1, k, tb, hb)):
+        settings["lod2"] = np.broadcast_to(P.lod2(n1, k, tb, hb), rows.shape[:1] + (n1,))
     else:
         skipped.append(f"boundary lod2: rows of {length} tokens hold no complete superblock before the tail "
                        f"(set eval.boundary_length ≥ {k * k + plan.tail})")

@@ -39,16 +39,16 @@ def settings(plan: Plan, rows: np.ndarray, dataset: str, progress=None) -> tuple
     """The compression settings of one W_max and dataset: [(policy, target, layouts int8
     [R, N1])], and the ones skipped (why)."""
     length = rows.shape[1] - 1
-    k, n1, tb = plan.k, length // plan.k, plan.tail // plan.k
-    out, skipped = [("lod1", None, np.stack([P.lod1(n1, k, tb)] * len(rows)))], []
-    if plan.max_lod >= 2 and (n1 - tb) // k:
-        out.append(("lod2", None, np.stack([P.lod2(n1, k, tb)] * len(rows))))
+    k, n1, tb, hb = plan.k, length // plan.k, plan.tail // plan.k, plan.head // plan.k
+    out, skipped = [("lod1", None, np.stack([P.lod1(n1, k, tb, hb)] * len(rows)))], []
+    if plan.max_lod >= 2 and len(P.superblocks(n1, k, tb, hb)):
+        out.append(("lod2", None, np.stack([P.lod2(n1, k, tb, hb)] * len(rows))))
     else:
         skipped.append(f"lod2 at W_max {length}: no complete superblock ({k * k} tokens) before the {plan.tail}-token tail")
     salt = zlib.crc32(dataset.encode())
     for i, frac in enumerate(plan.ev.targets):
         budget = plan.budget(length, frac)
-        rand = [P.random(np.random.default_rng((plan.ev.seed, salt, length, i, r)), n1, k, tb, budget, plan.max_lod)
+        rand = [P.random(np.random.default_rng((plan.ev.seed, salt, length, i, r)), n1, k, tb, budget, plan.max_lod, hb)
                 for r in range(len(rows))]
         if any(x is None for x in rand):
             skipped.append(f"targets {frac} at W_max {length}: {budget} entries hold no layout with the "
@@ -77,7 +77,7 @@ def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
             ref = scorer.tail_nll(rows, P.full(n1), bar.update)[:, 0]
             for policy, target, layouts in setts:
                 for lod in layouts:
-                    check_layout(lod, plan.k, recent_tokens=plan.tail)
+                    check_layout(lod, plan.k, recent_tokens=plan.tail, sink_tokens=plan.head)
                 nll = scorer.tail_nll(rows, layouts[:, None], bar.update)[:, 0]
                 for r, lod in enumerate(layouts):
                     base = dict(w_max=length, dataset=ds.name, policy=policy, target=target, row=r,

@@ -69,9 +69,9 @@ def _expansions(lod: np.ndarray, k: int, tail_blocks: int) -> list[np.ndarray]:
 def oracle(scorer: Scorer, row: np.ndarray, budget: int, horizon: int, rounds: int, bar=None) -> np.ndarray:
     """The counterfactual greedy search of the module doc (without the final best-of).
     row int [L+1] -> int8 [N1]."""
-    k, tb = scorer.plan.k, scorer.plan.tail // scorer.plan.k
+    k, tb, hb = scorer.plan.k, scorer.plan.tail // scorer.plan.k, scorer.plan.head // scorer.plan.k
     measure = lambda layouts: horizon_mean(scorer.tail_nll(row[None], np.stack(layouts)[None])[0], horizon)  # noqa: E731
-    lod = P.floor(len(row) // k, k, tb, budget, scorer.plan.max_lod)
+    lod = P.floor(len(row) // k, k, tb, budget, scorer.plan.max_lod, hb)
     current = float(measure([lod])[0])
     for i in range(rounds):
         room = (budget - entry_count(lod, k)) // (k - 1)
@@ -99,7 +99,7 @@ def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
     records, skipped = [], []
     for length in plan.wmax:
         budget = plan.budget(length, ev.focus_target)
-        n1, k, tb = length // plan.k, plan.k, plan.tail // plan.k
+        n1, k, tb, hb = length // plan.k, plan.k, plan.tail // plan.k, plan.head // plan.k
         if budget < plan.least_entries(length):
             skipped.append(f"focus at W_max {length}: the budget {budget} (eval.focus_target {ev.focus_target}) is below "
                            f"the floor of {plan.least_entries(length)} entries")
@@ -118,8 +118,8 @@ def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
             salt = zlib.crc32(ds.name.encode())
             layouts = {
                 "lensnet": lens,
-                "recency": np.stack([P.recency(n1, k, tb, b, plan.max_lod) for b in budgets]),
-                "random": np.stack([P.random(np.random.default_rng((ev.seed, salt, length, r)), n1, k, tb, b, plan.max_lod)
+                "recency": np.stack([P.recency(n1, k, tb, b, plan.max_lod, hb) for b in budgets]),
+                "random": np.stack([P.random(np.random.default_rng((ev.seed, salt, length, r)), n1, k, tb, b, plan.max_lod, hb)
                                     for r, b in enumerate(budgets)]),
                 "attention": P.scored_fill(plan, rows, np.array(budgets), "attention", progress=bar.update),
             }

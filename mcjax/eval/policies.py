@@ -1,4 +1,6 @@
-"""Layouts the eval suites compare, for rows of N1 blocks whose last `tail` blocks stay raw.
+"""Layouts the eval suites compare, for rows of N1 blocks whose last `tail` blocks stay raw
+(and the first `head` blocks, the protected head of megacontext.sink_tokens: "before the
+tail" below means between the head and the tail).
 
   full        every block at LOD0: the full-context reference (L entries)
   lod1        every block before the tail at LOD1 (32× there)
@@ -32,36 +34,39 @@ def full(n1: int) -> np.ndarray:
     return np.zeros(n1, np.int8)
 
 
-def lod1(n1: int, k: int, tail_blocks: int) -> np.ndarray:
+def lod1(n1: int, k: int, tail_blocks: int, head: int = 0) -> np.ndarray:
+    """Every block between the first `head` and the last `tail_blocks` at LOD1."""
     lod = np.zeros(n1, np.int8)
-    lod[: n1 - tail_blocks] = 1
+    lod[head : n1 - tail_blocks] = 1
     return lod
 
 
-def _supers(n1: int, k: int, tail_blocks: int) -> int:
-    """Complete superblocks wholly before the tail."""
-    return (n1 - tail_blocks) // k
+def superblocks(n1: int, k: int, tail_blocks: int, head: int = 0) -> np.ndarray:
+    """Indices of the complete superblocks wholly between the head and the tail."""
+    return np.arange(-(-head // k), (n1 - tail_blocks) // k)
 
 
-def lod2(n1: int, k: int, tail_blocks: int) -> np.ndarray:
-    lod = lod1(n1, k, tail_blocks)
-    lod[: _supers(n1, k, tail_blocks) * k] = 2
+def lod2(n1: int, k: int, tail_blocks: int, head: int = 0) -> np.ndarray:
+    lod = lod1(n1, k, tail_blocks, head)
+    for s in superblocks(n1, k, tail_blocks, head):
+        lod[s * k : (s + 1) * k] = 2
     return lod
 
 
-def floor(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2) -> np.ndarray | None:
+def floor(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2, head: int = 0) -> np.ndarray | None:
     """The lod1 layout with the oldest superblocks at LOD2 until ≤ budget; None if none fits."""
-    lod = lod1(n1, k, tail_blocks)
-    supers = _supers(n1, k, tail_blocks) if max_lod >= 2 else 0
-    for s in range(supers + 1):
-        lod[: s * k] = 2
+    lod = lod1(n1, k, tail_blocks, head)
+    supers = superblocks(n1, k, tail_blocks, head) if max_lod >= 2 else np.zeros(0, int)
+    for s in [None, *supers]:
+        if s is not None:
+            lod[s * k : (s + 1) * k] = 2
         if entry_count(lod, k) <= budget:
             return lod
     return None
 
 
-def recency(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2) -> np.ndarray | None:
-    lod = floor(n1, k, tail_blocks, budget, max_lod)
+def recency(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2, head: int = 0) -> np.ndarray | None:
+    lod = floor(n1, k, tail_blocks, budget, max_lod, head)
     if lod is None:
         return None
     count = entry_count(lod, k)
@@ -72,11 +77,11 @@ def recency(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2) ->
     return lod
 
 
-def random(rng: np.random.Generator, n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2) -> np.ndarray | None:
-    free = n1 - tail_blocks
+def random(rng: np.random.Generator, n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2,
+           head: int = 0) -> np.ndarray | None:
     lod = np.zeros(n1, np.int8)
-    gists = lod1(n1, k, tail_blocks)
-    supers = rng.permutation(_supers(n1, k, tail_blocks)) if max_lod >= 2 else np.zeros(0, int)
+    gists = lod1(n1, k, tail_blocks, head)
+    supers = rng.permutation(superblocks(n1, k, tail_blocks, head)) if max_lod >= 2 else np.zeros(0, int)
     chosen = 0
     while entry_count(np.where(lod == 2, 2, gists), k) > budget:
         if chosen == len(supers):
@@ -85,7 +90,7 @@ def random(rng: np.random.Generator, n1: int, k: int, tail_blocks: int, budget: 
         lod[s * k : (s + 1) * k] = 2
         chosen += 1
     count = entry_count(lod, k)
-    for b in rng.permutation(free):
+    for b in head + rng.permutation(n1 - tail_blocks - head):
         if count <= budget:
             break
         if lod[b] == 0:
@@ -148,7 +153,7 @@ def scored_fill(plan: Plan, rows: np.ndarray, budgets, scorer: str, passes: int 
     from mcjax.train.mc_step import MCForward
 
     length = rows.shape[1] - 1
-    k, tb = plan.k, plan.tail // plan.k
+    k, tb, hb = plan.k, plan.tail // plan.k, plan.head // plan.k
     n1 = length // k
     budgets = np.broadcast_to(np.asarray(budgets, np.int32), (len(rows),))
     budget = int(budgets.max())  # the working contexts' width; each row fills to its own budget
@@ -157,7 +162,7 @@ def scored_fill(plan: Plan, rows: np.ndarray, budgets, scorer: str, passes: int 
     key = (plan.run.model, scorer, repr(sorted(cfg.to_dict().items())))
     if key not in _FILL_PROGRAMS:
         fw = MCForward(plan.run.model, cfg)
-        alloc = AllocatorParams(k=k, w_max=budget, recent_tokens=plan.tail, max_lod=plan.max_lod, max_replacements=1,
+        alloc = AllocatorParams(k=k, w_max=budget, recent_tokens=plan.tail, sink_tokens=plan.head, max_lod=plan.max_lod, max_replacements=1,
                                 expand_threshold=2.0, collapse_threshold=2.0, cooldown_steps=0, iterations=1,
                                 fill_units=fill_units(budget, k))
 
@@ -175,7 +180,7 @@ def scored_fill(plan: Plan, rows: np.ndarray, budgets, scorer: str, passes: int 
     batch = max(1, plan.ev.batch)
     for lo in range(0, len(rows), batch):
         idx = np.minimum(np.arange(lo, lo + batch), len(rows) - 1)  # fixed-size calls: the last padded
-        lod = jnp.asarray(np.stack([floor(n1, k, tb, int(b), plan.max_lod) for b in budgets[idx]]))
+        lod = jnp.asarray(np.stack([floor(n1, k, tb, int(b), plan.max_lod, hb) for b in budgets[idx]]))
         for _ in range(passes):
             lod = step(plan.run.params, jnp.asarray(rows[idx]), lod, jnp.asarray(budgets[idx]))
         n = min(batch, len(rows) - lo)

@@ -1,7 +1,8 @@
 """What one `mcjax eval` measures, resolved once from the run and its `eval.*` keys.
 
 The protected tail of every evaluated layout is `tail` = max(megacontext.recent_tokens,
-the longest horizon), rounded up to whole blocks: the last `tail` tokens of a row stay raw,
+the longest horizon), rounded up to whole blocks: the last `tail` tokens of a row stay raw
+(and its first megacontext.sink_tokens, the protected `head`),
 so ΔNLL@H for every H in eval.horizons is measured on raw tokens, as in training. A row of
 W tokens then has W/K blocks, the last tail/K of them raw; a budget of B entries is
 *feasible* for it when the most compressed layout fits (`least_entries`); settings that
@@ -51,6 +52,7 @@ class Plan:
     out_dir: Path  # <out>/eval/<run>/
     k: int  # tokens per block
     tail: int  # the protected raw tail of every evaluated layout, tokens
+    head: int  # the protected raw head (megacontext.sink_tokens), tokens
     w_run: int  # the run's W_max (megacontext.wc_capacity)
     wmax: tuple[int, ...]  # row lengths of the ΔNLL and focus suites
     max_lod: int
@@ -68,9 +70,9 @@ class Plan:
         return tuple(sorted(set(self.ev.horizons)))
 
     def least_entries(self, length: int, *, max_lod: int | None = None) -> int:
-        """Entries of the most compressed layout of a row of `length` tokens (tail raw)."""
+        """Entries of the most compressed layout of a row of `length` tokens (tail and head raw)."""
         lod = self.max_lod if max_lod is None else max_lod
-        return min_wc_entries(length // self.k, self.k, self.tail, lod)
+        return min_wc_entries(length // self.k, self.k, self.tail, lod, self.head)
 
     def budget(self, length: int, fraction: float) -> int:
         return int(fraction * length)
@@ -110,14 +112,15 @@ def plan(run: LoadedRun, suites: tuple[str, ...]) -> Plan:
         lengths.append(ev.boundary_length or max(w_run, k * k + tail))
     for w in lengths:
         key = "eval.boundary_length" if w not in wmax else "eval.wmax"
-        if w % k or w < tail + k:
+        if w % k or w < tail + mc.sink_tokens + k:
+            head = f" and head (megacontext.sink_tokens {mc.sink_tokens})" if mc.sink_tokens else ""
             raise ConfigError(
                 f"{where}: {key}: {w} must be a multiple of dataset.block_size ({k}) of at least the protected "
-                f"tail ({tail} = max(megacontext.recent_tokens, eval.horizons), in whole blocks) plus one block"
+                f"tail ({tail} = max(megacontext.recent_tokens, eval.horizons), in whole blocks){head} plus one block"
             )
     if "retrieval" in suites:
         for n in ev.retrieval_lengths:
             if n < 64:
                 raise ConfigError(f"{where}: eval.retrieval_lengths: {n} tokens leave no room for filler; use ≥ 64")
     out_dir = run.run_dir.parent.parent / "eval" / run.run_dir.name
-    return Plan(run=run, out_dir=out_dir, k=k, tail=tail, w_run=w_run, wmax=wmax, max_lod=mc.max_lod)
+    return Plan(run=run, out_dir=out_dir, k=k, tail=tail, head=mc.sink_tokens, w_run=w_run, wmax=wmax, max_lod=mc.max_lod)

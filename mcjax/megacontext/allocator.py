@@ -21,7 +21,8 @@ block edit and a superblock edit compete on the same scale.
 
 A unit is *eligible* when it is at the right level and every block it touches is *free*:
 not in the protected tail (the blocks holding the last `recent_tokens` tokens: the last
-ceil(recent_tokens / K) blocks, one more while the last block is partly filled), not in cooldown
+ceil(recent_tokens / K) blocks, one more while the last block is partly filled) or head (the
+first `sink_tokens` tokens: the base's attention sink), not in cooldown
 (`step − last_changed < cooldown_steps`) and not already changed in this refocus. Each of
 `iterations` rounds (`lax.fori_loop`, unrolled) then does:
 
@@ -85,6 +86,7 @@ class AllocatorParams:
     k: int  # K, tokens per block (dataset.block_size)
     w_max: int  # W_max, the entry budget (Config.wc_capacity)
     recent_tokens: int = 0  # the protected tail, kept at LOD0
+    sink_tokens: int = 0  # the protected head (the base's attention sink), kept at LOD0
     max_lod: int = 2  # 1: no superblock collapses to LOD2
     max_replacements: int = 4  # R: at most R expands and R (unforced) collapses per iteration
     expand_threshold: float = 0.1  # expand when score ≥ this
@@ -105,6 +107,7 @@ class AllocatorParams:
             k=k,
             w_max=w,
             recent_tokens=mc.recent_tokens,
+            sink_tokens=mc.sink_tokens,
             max_lod=mc.max_lod,
             max_replacements=a.max_replacements,
             expand_threshold=a.expand_threshold,
@@ -122,6 +125,7 @@ jax.tree_util.register_dataclass(
     data_fields=[
         "w_max",
         "recent_tokens",
+        "sink_tokens",
         "max_lod",
         "expand_threshold",
         "collapse_threshold",
@@ -183,14 +187,16 @@ def unit_scores(wc: WorkingContext, scores: jnp.ndarray, n1: int, k: int) -> Uni
 
 
 def free_blocks(last_changed, changed, step, p: AllocatorParams, length=None) -> jnp.ndarray:
-    """bool [N1]: blocks that may change now (not tail, not in cooldown, not yet changed).
+    """bool [N1]: blocks that may change now (not tail or head, not in cooldown, not yet changed).
 
     The tail is every block holding one of the last `recent_tokens` of the `length` tokens
-    present (default N1·K); blocks past `length` (absent) are protected too.
+    present (default N1·K); the head every block holding one of the first `sink_tokens`;
+    blocks past `length` (absent) are protected too.
     """
     n1 = last_changed.shape[0]
     length = n1 * p.k if length is None else length
-    protected = (jnp.arange(n1) + 1) * p.k > length - jnp.asarray(p.recent_tokens)
+    blocks = jnp.arange(n1)
+    protected = ((blocks + 1) * p.k > length - jnp.asarray(p.recent_tokens)) | (blocks * p.k < jnp.asarray(p.sink_tokens))
     cooling = step - last_changed < p.cooldown_steps
     return ~protected & ~cooling & ~changed
 

@@ -164,11 +164,12 @@ def entry_count(block_lod: np.ndarray, k: int) -> int:
     return int(np.where(lod == 0, k, np.where(lod == 1, 1, first)).sum())
 
 
-def check_layout(block_lod: np.ndarray, k: int, *, capacity: int | None = None, recent_tokens: int = 0) -> None:
+def check_layout(block_lod: np.ndarray, k: int, *, capacity: int | None = None, recent_tokens: int = 0,
+                 sink_tokens: int = 0) -> None:
     """Raise ValueError unless the layout is valid.
 
     Valid: levels in {0, 1, 2}; LOD2 only on complete superblocks, all K blocks at once;
-    at most `capacity` entries; the last `recent_tokens` tokens at LOD0.
+    at most `capacity` entries; the last `recent_tokens` and the first `sink_tokens` tokens at LOD0.
     """
     lod = np.asarray(block_lod)
     n1 = lod.shape[0]
@@ -183,6 +184,9 @@ def check_layout(block_lod: np.ndarray, k: int, *, capacity: int | None = None, 
     tail = -(-recent_tokens // k)
     if tail and (lod[n1 - tail :] != 0).any():
         raise ValueError(f"the last {recent_tokens} tokens ({tail} blocks) must be at LOD0")
+    head = -(-sink_tokens // k)
+    if head and (lod[:head] != 0).any():
+        raise ValueError(f"the first {sink_tokens} tokens ({head} blocks) must be at LOD0")
 
 
 def all_lod0(num_blocks: int) -> np.ndarray:
@@ -190,22 +194,28 @@ def all_lod0(num_blocks: int) -> np.ndarray:
     return np.zeros(num_blocks, np.int8)
 
 
-def recency_baseline(num_blocks: int, k: int, capacity: int, *, max_lod: int = 2) -> np.ndarray:
-    """The recency baseline: the most recent blocks at LOD0, as many as fit in `capacity`.
+def recency_baseline(num_blocks: int, k: int, capacity: int, *, max_lod: int = 2, sink_tokens: int = 0,
+                     recent_tokens: int = 0) -> np.ndarray:
+    """The recency baseline: the first `sink_tokens` tokens (the protected head) and the most
+    recent blocks at LOD0, as many as fit in `capacity`.
 
     Older blocks are LOD1 gists; where even that does not fit, the oldest complete
-    superblocks collapse to LOD2 (when max_lod ≥ 2). int8 [N1]. ValueError if no layout
+    superblocks between the head and the last `recent_tokens` tokens collapse to LOD2 (when
+    max_lod ≥ 2) until the layout fits with that tail raw. int8 [N1]. ValueError if no layout
     at that level fits.
     """
+    head, tail = -(-sink_tokens // k), -(-recent_tokens // k)
     lod = np.ones(num_blocks, np.int8)
+    lod[:head] = 0
+    lod[num_blocks - tail:] = 0
     if max_lod >= 2:  # collapse the oldest superblocks until the all-gist layout fits
-        for s in range(0, (num_blocks // k) * k, k):
+        for s in range(-(-head // k) * k, ((num_blocks - tail) // k) * k, k):
             if entry_count(lod, k) <= capacity:
                 break
             lod[s : s + k] = 2
     if entry_count(lod, k) > capacity:
         raise ValueError(f"{num_blocks} blocks of {k} tokens do not fit in {capacity} entries at LOD ≤ {max_lod}")
-    for b in range(num_blocks - 1, -1, -1):  # expand from the end while the budget allows
+    for b in range(num_blocks - tail - 1, -1, -1):  # expand from the end while the budget allows
         if lod[b] != 1:
             break
         lod[b] = 0

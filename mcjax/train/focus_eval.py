@@ -80,10 +80,10 @@ def make_focus_probe(model, cfg):
         }
 
     def rank(wc, scores, start, needle):
-        """Blocks before the tail scored above the needle's block (−1 without a needle)."""
+        """Blocks between head and tail scored above the needle's block (−1 without a needle)."""
         u = jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(wc, scores, start, fw.k)  # [B, N1]
         n1 = start.shape[-1]
-        before = jnp.arange(n1) < n1 - fw.tail_blocks
+        before = (jnp.arange(n1) < n1 - fw.tail_blocks) & (jnp.arange(n1) >= fw.head_blocks)
         mine = jnp.take_along_axis(u, jnp.maximum(needle, 0)[:, None], axis=1)
         above = ((u > mine) & before).sum(-1).astype(jnp.float32)
         return jnp.where(needle >= 0, above, -1.0)

@@ -76,6 +76,7 @@ def policy_params(cfg, *, explore: bool) -> AllocatorParams:
         k=cfg.dataset.block_size,
         w_max=cfg.wc_capacity,
         recent_tokens=mc.recent_tokens,
+        sink_tokens=mc.sink_tokens,
         max_lod=mc.max_lod,
         max_replacements=cfg.allocator.max_replacements,
         expand_threshold=-jnp.inf,
@@ -102,6 +103,7 @@ class MCForward:
         t = cfg.dataset.context_tokens
         self.max_lod = cfg.megacontext.max_lod if t >= self.k * self.k else 1  # LOD2 needs a whole superblock
         self.tail_blocks = cfg.megacontext.recent_tokens // self.k  # never compressed: no gists built
+        self.head_blocks = cfg.megacontext.sink_tokens // self.k  # the protected head: never compressed either
         self.gaussian = cfg.megacontext.rope == "gaussian"
         self.num_policy = cfg.megacontext.num_policy_variants  # the last P layouts: the policy start
         self.explore = policy_params(cfg, explore=True)
