@@ -7,6 +7,10 @@
 #   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH (edit_group = $EDIT_GROUPS if set; random weights of the real shapes)
 #   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
 #   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT
+#   PARTS="aa ab" bash bench/smollm2_h100.sh ckpt   # the latest checkpoint (trainable params and optimizer
+#       state, ~73 MB) to $OUT/ckpt in 30 MiB parts with its sha256: two parts per call (a call brings back ≤ 64 MiB)
+#   bash bench/smollm2_h100.sh restore # carry .device/ckpt (parts split over calls: each call parks what it
+#       carries under /root/ckpt); once all parts are there, joins, checks the sha256 and unpacks for --resume
 # Extra arguments are config overrides of the training run. TRAIN_S: seconds of training per call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -58,6 +62,30 @@ train)
   tar -C "$run" -czf "$OUT/run/plots.tgz" plots 2>/dev/null
   last=$(ls /root/art/deltas/*_edits_*.parquet 2>/dev/null | tail -1)  # the latest edit labels, for their analysis
   [ -n "$last" ] && cp "$last" "$OUT/run/"
+  ;;
+ckpt)
+  ck=/root/art/checkpoints/smollm2_135m_mc
+  if [ ! -f /root/ckpt_out/SHA256 ]; then
+    latest=$(ls "$ck" | grep -E '^[0-9]+$' | sort -n | tail -1)
+    [ -n "$latest" ] || { echo "no checkpoint under $ck"; exit 1; }
+    mkdir -p /root/ckpt_out
+    tar -C /root/art -cf /root/ckpt_out/ckpt.tar --exclude="checkpoints/smollm2_135m_mc/[0-9]*" checkpoints/smollm2_135m_mc \
+      && tar -C /root/art -rf /root/ckpt_out/ckpt.tar "checkpoints/smollm2_135m_mc/$latest"
+    (cd /root/ckpt_out && split -b 30m ckpt.tar part && sha256sum ckpt.tar | cut -c1-64 > SHA256 && rm ckpt.tar)
+    echo "step $latest: $(ls /root/ckpt_out | tr '\n' ' ')"
+  fi
+  mkdir -p "$OUT/ckpt" && cp /root/ckpt_out/SHA256 "$OUT/ckpt/"
+  for p in ${PARTS:-aa ab}; do cp "/root/ckpt_out/part$p" "$OUT/ckpt/"; done
+  ls -l "$OUT/ckpt"
+  ;;
+restore)
+  mkdir -p /root/ckpt && cp .device/ckpt/* /root/ckpt/
+  ls -l /root/ckpt
+  if [ -f /root/ckpt/SHA256 ] && [ "$(cat /root/ckpt/part* | sha256sum | cut -c1-64)" = "$(cat /root/ckpt/SHA256)" ]; then
+    mkdir -p /root/art && cat /root/ckpt/part* | tar -C /root/art -xf - && echo "restored: $(ls /root/art/checkpoints/smollm2_135m_mc)"
+  else
+    echo "parked; not all parts yet (or sha256 mismatch)"
+  fi
   ;;
 eval)  # EVAL_S: seconds for the suites (each suite rewrites report.md, so what finished is copied).
   # The retrieval suite scores ~1.5 prompt-methods a second on the H100 (bench/RESULTS.md): 220 prompts

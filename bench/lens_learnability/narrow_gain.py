@@ -6,7 +6,13 @@ VAL task rows whose fact lies in a LOD1 gist of the recency layout, three expand
 gists — one holding the fact, two not — labelled as the training labels them (horizon NLL of the
 last 64 tokens against recency's), then the fact's group halved log2 G = 5 times with the
 training's own rule (edits.halve / edits.narrow), each half labelled by a forward.
-usage (repo root, CPU): PYTHONPATH=. python bench/lens_learnability/narrow_gain.py NROWS DATA_DIR"""
+With ANSWER_WEIGHT w > 0 (third argument) each row is narrowed twice from the same three groups:
+with the horizon label and with horizon + w × the answer's mean NLL change (the answer is the
+row's last answer_tokens tokens, inside the horizon): would labels on the answer find the fact's
+block more often?
+FIRST (fourth argument, default 1) skips the rows before it, drawing their groups all the same, so
+an interrupted run continues with the groups it would have drawn.
+usage (repo root, CPU): PYTHONPATH=.:bench/lens_learnability python bench/lens_learnability/narrow_gain.py NROWS DATA_DIR [ANSWER_WEIGHT [FIRST]]"""
 import sys, time
 import numpy as np, jax.numpy as jnp, jax
 from mcjax.config import load_config
@@ -18,6 +24,8 @@ from mcjax.megacontext import edits as E
 from layout_nll import layout_nll
 
 NROWS, DATA = int(sys.argv[1]), sys.argv[2]
+WEIGHTS = (0.0,) + ((float(sys.argv[3]),) if len(sys.argv) > 3 and float(sys.argv[3]) > 0 else ())
+FIRST = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 G, K, W = 32, 32, 2048
 ROUNDS = (G - 1).bit_length()
 cfg = load_config('configs/smollm2_135m_mc.yaml', [f'dataset.splits.val.output_path={DATA}/val.arrow',
@@ -40,29 +48,45 @@ def expanded(blocks):
     return lay
 
 
-best_is_fact, found, t0 = [], [], time.time()
+def label(hor, per, a, w):
+    """Labels of layouts 1.. against layout 0: horizon gain + w × the answer's mean gain."""
+    gain = hor[0] - hor[1:]
+    return gain + w * (per[0, -a:].mean() - per[1:, -a:].mean(-1)) if w else gain
+
+
+best_is_fact, found, t0 = {w: [] for w in WEIGHTS}, {w: [] for w in WEIGHTS}, time.time()
 for j, i in enumerate(rows):
-    fb = needle[i] // K
+    fb, a = needle[i] // K, int(ans[i])
     others = rng.choice(gists[gists != fb], 3 * G - 1, replace=False)
+    if j + 1 < FIRST:
+        continue
     group = np.r_[others[:G // 2], fb, others[G // 2:G - 1]]  # the fact in the middle of its group
     groups = [group, others[G - 1:2 * G - 1], others[2 * G - 1:]]
     tok = jnp.asarray(src[i][None])
-    hor, _ = jax.device_get(nll(params, tok, jnp.asarray(np.stack([ref] + [expanded(g) for g in groups]))))
-    value = hor[0] - hor[1:]
-    best_is_fact.append(value[0] > value[1:].max())
-    current, parent, trail = jnp.ones(G, bool), value[0], []
-    for r in range(ROUNDS):
-        tested = E.halve(current)
-        h, _ = jax.device_get(nll(params, tok, jnp.asarray(expanded(group[np.asarray(tested)])[None])))
-        v = float(hor[0] - h[0])
-        holds = bool(np.asarray(tested)[G // 2])
-        current, parent = E.narrow(current, tested, parent, v)
-        trail.append(f'{v:+.3f}{"*" if holds else ""}')
-    end = group[np.asarray(current)]
-    found.append(list(end) == [fb])
-    print(f'row {j + 1}/{len(rows)} ({time.time() - t0:.0f}s) task {task[i]} fact block {fb}: groups '
-          + ' / '.join(f'{x:+.3f}' for x in value) + f'; halves (* holds the fact) {" ".join(trail)} -> {list(end)}'
-          + (' FOUND' if found[-1] else ''), flush=True)
-print(f'\nthe fact\'s group of {G} is the best of 3: {np.mean(best_is_fact):.2f} of {len(rows)} rows; '
-      f'{ROUNDS} halvings from it end on the fact\'s block: {np.mean(found):.2f} ({sum(found)} of {len(rows)})')
+    hor, per = jax.device_get(nll(params, tok, jnp.asarray(np.stack([ref] + [expanded(g) for g in groups]))))
+    line = []
+    for w in WEIGHTS:
+        value = label(hor, per, a, w)
+        best_is_fact[w].append(value[0] > value[1:].max())
+        current, parent, trail = jnp.ones(G, bool), value[0], []
+        for r in range(ROUNDS):
+            tested = E.halve(current)
+            h, p = jax.device_get(nll(params, tok, jnp.asarray(expanded(group[np.asarray(tested)])[None])))
+            v = float(label(np.r_[hor[:1], h], np.concatenate([per[:1], p]), a, w)[0])
+            holds = bool(np.asarray(tested)[G // 2])
+            current, parent = E.narrow(current, tested, parent, v)
+            trail.append(f'{v:+.3f}{"*" if holds else ""}')
+        end = group[np.asarray(current)]
+        found[w].append(list(end) == [fb])
+        line.append(f'w={w:g}: groups ' + ' / '.join(f'{x:+.3f}' for x in value)
+                    + f'; halves {" ".join(trail)} -> {list(end)}' + (' FOUND' if found[w][-1] else ''))
+    print(f'row {j + 1}/{len(rows)} ({time.time() - t0:.0f}s) task {task[i]} fact block {fb} answer {a} tokens (* holds the fact)\n  '
+          + '\n  '.join(line), flush=True)
+print()
+done = rows[FIRST - 1:]  # the rows this run labelled
+for w in WEIGHTS:
+    print(f'w={w:g}: the fact\'s group of {G} is the best of 3 in {sum(best_is_fact[w])} of {len(done)} rows; '
+          f'{ROUNDS} halvings end on the fact\'s block in {sum(found[w])} of {len(done)} '
+          f'(by task: ' + ', '.join(f'{t}: {sum(f for f, r in zip(found[w], done) if task[r] == t)}/{sum(task[r] == t for r in done)}'
+                                    for t in sorted(set(task[done]))) + ')')
 print(f'done {time.time() - t0:.0f}s')
