@@ -70,6 +70,21 @@ def run_cli(args: list[str], cwd: Path, devices: int = 1, timeout: float = 300) 
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps each program's code
+    into the process; one pytest process compiling the whole suite's programs runs past the
+    kernel's limit on memory maps (vm.max_map_count, 65,530 by default) and the next compile
+    crashes."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory) -> Path:
     """One prepared tiny dataset shared by the tests that train (prep takes seconds)."""
