@@ -162,8 +162,8 @@ def scored_fill(plan: Plan, rows: np.ndarray, budgets, scorer: str, passes: int 
     key = (plan.run.model, scorer, repr(sorted(cfg.to_dict().items())))
     if key not in _FILL_PROGRAMS:
         fw = MCForward(plan.run.model, cfg)
-        alloc = AllocatorParams(k=k, w_max=budget, recent_tokens=plan.tail, sink_tokens=plan.head, max_lod=plan.max_lod, max_replacements=1,
-                                expand_threshold=2.0, collapse_threshold=2.0, cooldown_steps=0, iterations=1,
+        alloc = AllocatorParams(k=k, w_max=budget, recent_tokens=plan.tail, sink_tokens=plan.head, max_lod=plan.max_lod,
+                                max_replacements=1, expand_threshold=2.0, collapse_threshold=2.0, cooldown_steps=0, iterations=1,
                                 fill_units=fill_units(budget, k))
 
         def one_pass(params, tokens, lod, limit):
