@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mcjax.eval.setup import Plan, derive
-from mcjax.megacontext.layout import entry_count
+from mcjax.megacontext.layout import entry_count, recency_baseline
 
 
 def full(n1: int) -> np.ndarray:
@@ -56,25 +56,19 @@ def lod2(n1: int, k: int, tail_blocks: int, head: int = 0) -> np.ndarray:
 def floor(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2, head: int = 0) -> np.ndarray | None:
     """The lod1 layout with the oldest superblocks at LOD2 until ≤ budget; None if none fits."""
     lod = lod1(n1, k, tail_blocks, head)
-    supers = superblocks(n1, k, tail_blocks, head) if max_lod >= 2 else np.zeros(0, int)
-    for s in [None, *supers]:
-        if s is not None:
-            lod[s * k : (s + 1) * k] = 2
+    for s in superblocks(n1, k, tail_blocks, head) if max_lod >= 2 else ():
         if entry_count(lod, k) <= budget:
             return lod
-    return None
+        lod[s * k : (s + 1) * k] = 2
+    return lod if entry_count(lod, k) <= budget else None
 
 
 def recency(n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2, head: int = 0) -> np.ndarray | None:
-    lod = floor(n1, k, tail_blocks, budget, max_lod, head)
-    if lod is None:
+    """The training's recency baseline (`layout.recency_baseline`) at this budget; None if none fits."""
+    try:
+        return recency_baseline(n1, k, budget, max_lod=max_lod, sink_tokens=head * k, recent_tokens=tail_blocks * k)
+    except ValueError:
         return None
-    count = entry_count(lod, k)
-    for b in range(n1 - tail_blocks - 1, -1, -1):
-        if lod[b] != 1 or count + k - 1 > budget:
-            break
-        lod[b], count = 0, count + k - 1
-    return lod
 
 
 def random(rng: np.random.Generator, n1: int, k: int, tail_blocks: int, budget: int, max_lod: int = 2,
