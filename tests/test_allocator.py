@@ -289,6 +289,22 @@ def test_superblock_expand_and_collapse():
     assert list(new) == lod
 
 
+def test_a_superblock_is_not_collapsed_over_the_block_it_would_expand():
+    # superblock 0: one wanted gist among three unwanted (mean −0.45: a collapse that passes τ)
+    lod = [1, 1, 1, 1, 1, 1, 0, 0]  # 14 entries
+    scores = [-0.9, 0.9, -0.9, -0.9, 0.05, 0.05, 0, 0]
+    new, _, stats = small(lod, scores, params(w_max=17, max_replacements=1, iterations=1))
+    assert list(new) == [1, 0, 1, 1, 1, 1, 0, 0]  # expanded, not buried in LOD2
+    assert stats["num_collapses"] == 0 and stats["num_expands"] == 1
+    # not wanted (below τ_expand): the superblock collapses as before
+    low = [-0.9, 0.09, -0.9, -0.9, 0.05, 0.05, 0, 0]
+    new, _, _ = small(lod, low, params(w_max=17, max_replacements=1, iterations=1))
+    assert list(new) == [2, 2, 2, 2, 1, 1, 0, 0]
+    # over budget with nothing else to collapse: the guarded superblock is forced all the same
+    new, _, stats = small(lod, scores, params(w_max=11, max_replacements=1, iterations=1))
+    assert list(new) == [2, 2, 2, 2, 1, 1, 0, 0] and stats["num_forced_collapses"] == 1
+
+
 def test_changed_blocks_are_frozen_for_the_rest_of_the_refocus():
     # block 0 collapses in iteration 1; its (now all-LOD1) superblock may not follow
     lod = [0, 1, 1, 1, 1, 1, 0, 0]

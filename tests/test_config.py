@@ -254,3 +254,7 @@ def test_list_keys_round_trip_and_check_their_items(tmp_path):
         load_config(path, ["eval.targets=[1.5]"])
     with pytest.raises(ConfigError, match=r"dataset.eval_fraction: must be in \[0, 1\), got 1.0"):
         load_config(path, ["dataset.eval_fraction=1"])
+    assert load_config(path, ["eval.retrieval_methods=[megacontext]"]).eval.retrieval_methods == ("megacontext",)
+    for bad in ("[]", "[full,full]", "[truncation]"):
+        with pytest.raises(ConfigError, match=r"eval.retrieval_methods: must list distinct engines of full, megacontext, recency"):
+            load_config(path, [f"eval.retrieval_methods={bad}"])

@@ -314,6 +314,11 @@ def test_a_plain_run_takes_retrieval_only(runs, capsys):
     assert code == 0, err
     methods = {r["method"] for r in pq.read_table(runs / "eval" / "plain" / "retrieval.parquet").to_pylist()}
     assert methods == {"full", "recency"}
+    code, err = _eval(capsys, runs / "runs" / "plain", "--suite", "retrieval", *EVAL, "eval.retrieval_methods=[recency]")
+    assert code == 0, err
+    rows = pq.read_table(runs / "eval" / "plain" / "retrieval.parquet").to_pylist()
+    assert {r["method"] for r in rows} == {"recency"} and {r["length"] for r in rows} == {256, 512}
+    assert "full: not in eval.retrieval_methods" in (runs / "eval" / "plain" / "report.md").read_text()
 
 
 def test_acceptance_judges_only_what_was_measured_at_its_scale():

@@ -15,6 +15,7 @@ from mcjax.data.variants import VariantSpec, policy_start, sample_layouts, varia
 from mcjax.errors import ConfigError
 from mcjax.megacontext.layout import check_layout, entry_count
 from mcjax.model.megacontext import build_megacontext
+from mcjax.train.focus_eval import needle_rank
 from mcjax.train.mc_step import MCForward, policy_params
 
 from conftest import run_cli, tiny_config, write_config
@@ -83,6 +84,15 @@ def test_long_context_config_errors_are_one_line(tmp_path, section, values, mess
     with pytest.raises(ConfigError) as e:
         config_from_dict(raw)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_needle_is_ranked_among_the_expand_candidates_only():
+    # blocks: head (0), gists 1-4 and 6, raw 5 (before the tail), tail 7; the raw ones score high
+    start = jnp.asarray([[0, 1, 1, 1, 1, 0, 1, 0]] * 5)
+    u = jnp.asarray([[9.0, 0.5, 0.9, 0.2, 0.7, 5.0, 0.7, 9.0]] * 5)
+    needle = jnp.asarray([3, 2, 4, 5, -1])  # lowest gist, best gist, a tie with 6, raw already, none
+    got = needle_rank(u, start, needle, head_blocks=1, tail_blocks=1)
+    assert got.tolist() == [4.0, 0.0, 1.0, 0.0, -1.0]  # ties do not count; head, tail and raw block 5 never
 
 
 def test_tiny_long_context_run_trains_and_validates_focus(tmp_path):

@@ -1,8 +1,8 @@
 """Retrieval: can a fact far back in a long prompt still be recalled?
 
 Prompts of `passkey.py` (both tasks, every length in eval.retrieval_lengths, every depth in
-eval.retrieval_depths, eval.retrieval_samples each) go through three runtime engines, one
-engine each for every length:
+eval.retrieval_depths, eval.retrieval_samples each) go through the runtime engines of
+eval.retrieval_methods (default all three), one engine each for every length:
   full         the GPT reading the whole prompt (the plain engine with a window as long as
                the longest prompt, so every token sees all before it; only prompts of
                L ≤ eval.full_context_max);
@@ -50,8 +50,9 @@ def _engine(plan: Plan, method: str, longest: int, batch: int):
     return Engine(dataclasses.replace(plan.run, cfg=cfg), kind=kind, batch=batch)
 
 
-def score_prompts(engine, prompts: list[Prompt], seed: int = 0) -> list[tuple[bool, float]]:
-    """(exact, answer NLL) of each prompt through `engine` (its batch at a time)."""
+def score_prompts(engine, prompts: list[Prompt], seed: int = 0, done=lambda n: None) -> list[tuple[bool, float]]:
+    """(exact, answer NLL) of each prompt through `engine` (its batch at a time); done(n)
+    after each batch of n prompts (the progress bar)."""
     b, out = engine.batch, []
     chunk = engine.chunk_for(max(len(p.tokens) for p in prompts))
     for start in range(0, len(prompts), b):
@@ -65,17 +66,24 @@ def score_prompts(engine, prompts: list[Prompt], seed: int = 0) -> list[tuple[bo
         for i, p in enumerate(group):
             m = len(p.answer)
             out.append((bool((greedy[i, :m] == p.answer).all()), float(-logp[i, :m].sum())))
+        done(len(group))
     return out
+
+
+def run_methods(plan: Plan) -> list[str]:
+    """The engines this run's retrieval suite uses: eval.retrieval_methods, MegaContext only for a MegaContext run."""
+    return [m for m in METHODS if m in plan.ev.retrieval_methods and (m != "megacontext" or plan.run.megacontext)]
 
 
 def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
     ev, run_ = plan.ev, plan.run
     filler = filler_tokens(datasets, run_.tokenizer.bos_id)
-    methods = [m for m in METHODS if m != "megacontext" or run_.megacontext]
+    methods = run_methods(plan)
     lengths = plan.retrieval_lengths()
     prompts = {n: [make_prompt(run_.tokenizer, filler, task, n, d, s, ev.seed)
                    for task in TASKS for d in ev.retrieval_depths for s in range(ev.retrieval_samples)] for n in lengths}
-    records, skipped = [], []
+    records = []
+    skipped = [f"{m}: not in eval.retrieval_methods" for m in METHODS if m not in ev.retrieval_methods]
     for method in methods:
         mine = [n for n in lengths if method != "full" or n <= ev.full_context_max]
         skipped += [f"full context at {n:,} tokens: above eval.full_context_max ({ev.full_context_max:,})"
@@ -86,10 +94,9 @@ def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
         for n in mine:
             bar.set_postfix_str(f"retrieval {method} L={n}")
             w = engine.cfg.wc_capacity
-            for p, (exact, nll) in zip(prompts[n], score_prompts(engine, prompts[n], ev.seed)):
+            for p, (exact, nll) in zip(prompts[n], score_prompts(engine, prompts[n], ev.seed, bar.update)):
                 records.append(dict(task=p.task, method=method, length=n, depth=p.depth, sample=p.sample, w_max=w,
                                     exact=exact, answer_nll=nll, answer_tokens=len(p.answer), needle_start=p.needle_start))
-            bar.update(len(prompts[n]))
     summary = summarize(records)
     scal = {f"{s['task']}/{s['method']}/L{s['length']}/exact": s["exact"] for s in summary}
     scal.update({f"{s['task']}/{s['method']}/L{s['length']}/answer_nll": s["answer_nll"] for s in summary})

@@ -26,10 +26,14 @@ first `sink_tokens` tokens: the base's attention sink), not in cooldown
 (`step − last_changed < cooldown_steps`) and not already changed in this refocus. Each of
 `iterations` rounds (`lax.fori_loop`, unrolled) then does:
 
-1. Collapses. Eligible collapse units are ranked best first (`lax.top_k` over all M).
-   The first `max_replacements` of them with −score ≥ collapse_threshold are taken.
-   If the layout is then still over W_max, further collapses are *forced*: the next
-   eligible units in the same order, threshold ignored (but never the tail, cooldown or
+1. Collapses. Eligible collapse units are ranked best first (a sort over all M). The
+   first `max_replacements` of them with −score ≥ collapse_threshold are taken — except a
+   superblock holding a block that step 2 would expand first (one of its top
+   `max_replacements` block expands, ranked on the layout before the collapses): a
+   superblock's −mean would otherwise bury the one block the scores ask for (a fact among
+   31 filler gists) in LOD2 before it could be expanded. If the layout is then still over
+   W_max, further collapses are *forced*: the next eligible units in the same order,
+   threshold ignored, those guarded superblocks last (but never the tail, cooldown or
    level masks), until it fits or the candidates run out.
 2. Expands. Eligible expand units with score ≥ expand_threshold are ranked best first
    (`lax.top_k` with k = max_replacements) and accepted in order while the running total
@@ -262,12 +266,26 @@ def _scatter(state: _State, units, take, block_level: int, super_level: int, ste
     )
 
 
-def _collapse(state: _State, us: UnitScores, collapsible, noise, step, p: AllocatorParams) -> _State:
-    """Up to R thresholded collapses, best first; then forced ones while over W_max."""
+def _wanted(us: UnitScores, expandable, noise, p: AllocatorParams, n1: int) -> jnp.ndarray:
+    """bool [M]: the collapse units holding a block that this round's expand step would pick
+    first (its top R block expands with score ≥ τ_expand, on the layout before the collapses)."""
+    m, k = expandable.shape[0], p.k
+    ok = expandable & (us.expand >= p.expand_threshold)
+    _, top = jax.lax.top_k(jnp.where(ok, us.expand + noise, -jnp.inf), min(p.max_replacements, m))
+    blocks = jnp.zeros(n1, bool).at[jnp.where(ok[top] & (top < n1), top, n1)].set(True, mode="drop")
+    n2 = m - n1
+    return jnp.concatenate([blocks, blocks[: n2 * k].reshape(n2, k).any(axis=1)])
+
+
+def _collapse(state: _State, us: UnitScores, collapsible, noise, step, p: AllocatorParams, wanted) -> _State:
+    """Up to R thresholded collapses, best first, none of them `wanted`; then forced ones while
+    over W_max (the wanted ones last)."""
     m, k = collapsible.shape[0], p.k
-    _, order = jax.lax.top_k(jnp.where(collapsible, us.collapse + noise, -jnp.inf), m)
+    guard = (wanted & collapsible).astype(jnp.int32)
+    rank = jnp.where(collapsible, us.collapse + noise, -jnp.inf)
+    _, _, order = jax.lax.sort((guard, -rank, jnp.arange(m)), num_keys=3)
     eligible = collapsible[order]
-    passes = eligible & (us.collapse[order] >= p.collapse_threshold)
+    passes = eligible & (guard[order] == 0) & (us.collapse[order] >= p.collapse_threshold)
     normal = passes & (prefix_sum(passes.astype(jnp.int32)) <= p.max_replacements)
     excess = entries(state.lod, k, state.length) - (k - 1) * normal.sum() - p.w_max
     extra = eligible & ~normal
@@ -312,12 +330,14 @@ def _round(i, state: _State, us: UnitScores, step, key, p: AllocatorParams) -> _
     """Round i of a refocus: collapses (forced ones included), then expands on the result."""
     m = us.expand.shape[0]
     kc, ke = jax.random.split(jax.random.fold_in(key, i))
+    expand_noise = _ranking_noise(ke, m, p)
     free = free_blocks(state.last_changed, state.changed, step, p, state.length)
-    _, collapsible = eligible_units(state.lod, free, p)
-    state = _collapse(state, us, collapsible, _ranking_noise(kc, m, p), step, p)
+    expandable, collapsible = eligible_units(state.lod, free, p)
+    wanted = _wanted(us, expandable, expand_noise, p, state.lod.shape[0])
+    state = _collapse(state, us, collapsible, _ranking_noise(kc, m, p), step, p, wanted)
     free = free_blocks(state.last_changed, state.changed, step, p, state.length)
     expandable, _ = eligible_units(state.lod, free, p)
-    return _expand(state, us, expandable, _ranking_noise(ke, m, p), step, p)
+    return _expand(state, us, expandable, expand_noise, step, p)
 
 
 # ----------------------------------------------------------------------------- public

@@ -17,7 +17,8 @@ three) and, for the val split's synthetic task rows (`data/tasks.py`: the answer
 row's last tokens), the answer's NLL and whether every answer token is the argmax
 (teacher-forced exact match). On task rows whose fact position prep recorded (the block
 holding the asked fact's first token), it also measures where each scorer ranks that block
-among the blocks before the tail on the recency layout's working context (0 = first), and
+among the allocator's expand candidates — the blocks the recency layout compresses, head and
+tail aside, by their gist's score (0 = first; 0 too when the block is raw already) — and
 whether each layout holds it raw. The loop sums these over the validation rows and logs
 
   val/focus/horizon_loss_{kind}       natural-text rows' horizon NLL
@@ -46,6 +47,19 @@ KINDS = ("recency", "random", "lensnet", "attention")
 SCORERS = ("lensnet", "attention")  # whose ranking of the fact block is measured
 RECALL_AT = (1, 4, 16)
 ANSWER_WINDOW = 16  # answers are at most this many tokens (the last entries of every WC: raw tail)
+
+
+def needle_rank(u, start, needle, head_blocks: int, tail_blocks: int):
+    """Where a scorer ranks the fact's block among the allocator's expand candidates: how many
+    blocks the start layout compresses (between head and tail) score above it. u f32 [B, N1]:
+    per-block scores (`losses.block_scores`); start int [B, N1]; needle int [B]: the fact's
+    block (−1: none). -> f32 [B]: that count, 0 when the block is raw already, −1 without one."""
+    n1 = start.shape[-1]
+    free = (jnp.arange(n1) < n1 - tail_blocks) & (jnp.arange(n1) >= head_blocks) & (start > 0)
+    at = jnp.maximum(needle, 0)[:, None]
+    above = ((u > jnp.take_along_axis(u, at, axis=1)) & free).sum(-1).astype(jnp.float32)
+    raw = jnp.take_along_axis(start, at, axis=1)[:, 0] == 0
+    return jnp.where(needle >= 0, jnp.where(raw, 0.0, above), -1.0)
 
 
 def make_focus_probe(model, cfg):
@@ -80,13 +94,8 @@ def make_focus_probe(model, cfg):
         }
 
     def rank(wc, scores, start, needle):
-        """Blocks between head and tail scored above the needle's block (−1 without a needle)."""
         u = jax.vmap(L.block_scores, in_axes=(0, 0, 0, None))(wc, scores, start, fw.k)  # [B, N1]
-        n1 = start.shape[-1]
-        before = (jnp.arange(n1) < n1 - fw.tail_blocks) & (jnp.arange(n1) >= fw.head_blocks)
-        mine = jnp.take_along_axis(u, jnp.maximum(needle, 0)[:, None], axis=1)
-        above = ((u > mine) & before).sum(-1).astype(jnp.float32)
-        return jnp.where(needle >= 0, above, -1.0)
+        return needle_rank(u, start, needle, fw.head_blocks, fw.tail_blocks)
 
     def probe(params, tokens, layouts, answer_tokens, needle, variant_capacity: int):
         b = tokens.shape[0]
