@@ -7,8 +7,9 @@
 #   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH (edit_group = $EDIT_GROUPS if set; random weights of the real shapes)
 #   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
 #   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT
-#   PARTS="aa ab" bash bench/smollm2_h100.sh ckpt   # the latest checkpoint (trainable params and optimizer
-#       state, ~73 MB) to $OUT/ckpt in 30 MiB parts with its sha256: two parts per call (a call brings back ≤ 64 MiB)
+#   PARTS="aa ab ac ad" bash bench/smollm2_h100.sh ckpt   # the latest checkpoint (trainable params and optimizer
+#       state, ~73 MB) to $OUT/ckpt in 15 MiB parts with its sha256: four parts per call, then PARTS=ae (a file
+#       from $OUT may be at most 16 MiB, a call's files 64 MiB together)
 #   bash bench/smollm2_h100.sh restore # carry .device/ckpt (parts split over calls: each call parks what it
 #       carries under /root/ckpt); once all parts are there, joins, checks the sha256 and unpacks for --resume
 # Extra arguments are config overrides of the training run. TRAIN_S: seconds of training per call.
@@ -71,11 +72,11 @@ ckpt)
     mkdir -p /root/ckpt_out
     tar -C /root/art -cf /root/ckpt_out/ckpt.tar --exclude="checkpoints/smollm2_135m_mc/[0-9]*" checkpoints/smollm2_135m_mc \
       && tar -C /root/art -rf /root/ckpt_out/ckpt.tar "checkpoints/smollm2_135m_mc/$latest"
-    (cd /root/ckpt_out && split -b 30m ckpt.tar part && sha256sum ckpt.tar | cut -c1-64 > SHA256 && rm ckpt.tar)
+    (cd /root/ckpt_out && split -b 15m ckpt.tar part && sha256sum ckpt.tar | cut -c1-64 > SHA256 && rm ckpt.tar)
     echo "step $latest: $(ls /root/ckpt_out | tr '\n' ' ')"
   fi
   mkdir -p "$OUT/ckpt" && cp /root/ckpt_out/SHA256 "$OUT/ckpt/"
-  for p in ${PARTS:-aa ab}; do cp "/root/ckpt_out/part$p" "$OUT/ckpt/"; done
+  for p in ${PARTS:-aa ab ac ad}; do cp "/root/ckpt_out/part$p" "$OUT/ckpt/"; done
   ls -l "$OUT/ckpt"
   ;;
 restore)
