@@ -7,6 +7,8 @@ layout compresses (the allocator's expand candidates, by their gist's score; 0 =
 blocks the policy expanded (ROWS=i,j,…: only those val rows), and — with EXACT=1 — whether the base answers
 exactly on that layout, and on two oracle layouts: recency with the fact's block raw, and with the
 next block raw too (a fact of ~20 tokens often runs into it), each paid for by the oldest raw blocks.
+SPLIT=1 (with EXACT): the first oracle becomes recency + the policy's expansions alone, paid for by
+the oldest raw blocks instead of the policy's own collapses. FACTS=1: also the blocks where the row's key–value facts start and the blocks the policy expanded.
 DILATE=1: every gist scored max(its own score, its predecessor's), so the block after a wanted one
 is expanded too. Extra arguments are overrides of the run's config (e.g. megacontext.policy_rounds=4
 allocator.max_replacements=8): does more editing at eval time reach the fact?
@@ -89,15 +91,27 @@ for j, i in enumerate(rows):
     raw = bool(chosen[fb] == 0)
     line = (f"row {i:4d} {TASKS[task[i] - 1]:8s} fact block {fb:3d} (LOD{start[fb]}) rank {rank:4d}  "
             f"raw {'yes' if raw else 'no '} (LOD{chosen[fb]} after; next block LOD{chosen[min(fb + 1, len(chosen) - 1)]})  expanded {int(((start > 0) & (chosen == 0)).sum()):3d}")
+    if os.environ.get("FACTS") == "1":  # where the row's key–value facts start, against the policy's expansions
+        row = np.asarray(src[i])
+        starts = [p for p in range(len(row) - 8) if run.tokenizer.decode(row[p:p + 6].tolist()).startswith("\nOne of the special")]
+        print(f"  row {i}: key–value facts start in blocks {sorted({p // k for p in starts})}; the policy expanded "
+              f"{np.flatnonzero(cand & (chosen == 0)).tolist()}", flush=True)
     exact = None
     if EXACT:
         # slots: recency ← the fact's block raw; random ← it and the next one raw; LensNet's policy
-        lay = np.stack([oracle(fb, 1), oracle(fb, 2), start])[None].astype(np.int8)
+        first = oracle(fb, 1)
+        if os.environ.get("SPLIT") == "1":  # the policy's expansions alone, paid for by the oldest raw blocks
+            first = start.copy()
+            grown = np.flatnonzero((start > 0) & (chosen == 0))
+            first[oldest_raw[:len(grown)]] = 1
+            first[grown] = 0
+        lay = np.stack([first, oracle(fb, 2), start])[None].astype(np.int8)
         per = jax.device_get(probe(params, tok, jnp.asarray(lay), jnp.asarray([ans[i]], jnp.int32),
                                    jnp.asarray([fb], jnp.int32), cap))
         got = per["answer_exact"][0] > 0  # kinds: recency, random, lensnet, attention
         exact = (bool(got[2]), bool(got[0]), bool(got[1]))
-        line += f"  exact: LensNet {'yes' if got[2] else 'no '}, fact's block raw {'yes' if got[0] else 'no '}, " \
+        first_name = "its expansions alone" if os.environ.get("SPLIT") == "1" else "fact's block raw"
+        line += f"  exact: LensNet {'yes' if got[2] else 'no '}, {first_name} {'yes' if got[0] else 'no '}, " \
                 f"+ the next {'yes' if got[1] else 'no '}"
     out.append((task[i], start[fb], rank, raw, exact))
     print(f"{line}  ({time.time() - t0:.0f}s)", flush=True)
