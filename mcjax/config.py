@@ -190,6 +190,9 @@ class RuntimeConfig:
     lod_strip_every: int = 8  # refocuses between LOD strips in `mcjax infer` (0 = never)
 
 
+RETRIEVAL_METHODS = ("full", "megacontext", "recency")  # the retrieval suite's engines (eval/retrieval.py)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """`mcjax eval` (mcjax/eval/): what each suite measures and how much of it."""
@@ -206,7 +209,7 @@ class EvalConfig:
     retrieval_depths: tuple[int, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)  # needle depth, % of the filler
     retrieval_samples: int = 2  # prompts per task, length and depth
     full_context_max: int = 16384  # longest prompt the full-context baseline reads
-    retrieval_methods: tuple[str, ...] = ("full", "megacontext", "recency")  # the retrieval suite's engines (megacontext: MegaContext runs)
+    retrieval_methods: tuple[str, ...] = RETRIEVAL_METHODS  # the retrieval suite's engines (megacontext: MegaContext runs)
     boundary_length: int = 0  # tokens per boundary row; 0 = max(W_max, the least that holds a LOD2 superblock)
     boundary_samples: int = 4  # rows per offset within a block
     stability_refocuses: int = 1000  # decode blocks of the stability run
@@ -789,10 +792,10 @@ def _validate_eval_keys(cfg: Config, fail) -> None:
         fail("eval.targets", f"must be a non-empty list of fractions in (0, 1], got {list(ev.targets)}")
     if not 0 < ev.focus_target <= 1:
         fail("eval.focus_target", f"must be a fraction in (0, 1], got {ev.focus_target}")
-    methods = ("full", "megacontext", "recency")
-    bad = [m for m in ev.retrieval_methods if m not in methods]
+    bad = [m for m in ev.retrieval_methods if m not in RETRIEVAL_METHODS]
     if bad or not ev.retrieval_methods or len(set(ev.retrieval_methods)) < len(ev.retrieval_methods):
-        fail("eval.retrieval_methods", f"must list distinct engines of {', '.join(methods)}, got {list(ev.retrieval_methods)}")
+        fail("eval.retrieval_methods",
+             f"must list distinct engines of {', '.join(RETRIEVAL_METHODS)}, got {list(ev.retrieval_methods)}")
     if not ev.retrieval_depths or not all(0 <= d <= 100 for d in ev.retrieval_depths):
         fail("eval.retrieval_depths", f"must be a non-empty list of percentages in [0, 100], got {list(ev.retrieval_depths)}")
 

@@ -51,11 +51,10 @@ def _units(plan, suite: str, datasets) -> int:
         per = lambda n: 5 * n + min(ev.oracle_rows, n) * (ev.oracle_rounds + 1)  # noqa: E731
         return sum(per(min(ev.rows, (len(d.stream) - 1) // w)) for w in plan.wmax for d in datasets)
     if suite == "retrieval":
-        from mcjax.eval.retrieval import run_methods
+        from mcjax.eval.retrieval import method_lengths, run_methods
 
-        lengths = plan.retrieval_lengths()
         per_length = 2 * len(ev.retrieval_depths) * ev.retrieval_samples
-        return per_length * sum(len([n for n in lengths if m != "full" or n <= ev.full_context_max]) for m in run_methods(plan))
+        return per_length * sum(len(method_lengths(plan, m)) for m in run_methods(plan))
     if suite == "boundary":
         return plan.k * ev.boundary_samples * 4
     return 2 * ev.stability_refocuses

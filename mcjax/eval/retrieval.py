@@ -23,12 +23,12 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
+from mcjax.config import RETRIEVAL_METHODS as METHODS
 from mcjax.eval.data import EvalData, filler_tokens
 from mcjax.eval.passkey import TASKS, Prompt, make_prompt
 from mcjax.eval.result import SuiteResult, table
 from mcjax.eval.setup import Plan, derive
 
-METHODS = ("full", "megacontext", "recency")
 COLUMNS = {
     "task": pa.string(), "method": pa.string(), "length": pa.int32(), "depth": pa.int32(), "sample": pa.int32(),
     "w_max": pa.int32(), "exact": pa.bool_(), "answer_nll": pa.float64(), "answer_tokens": pa.int32(),
@@ -75,6 +75,11 @@ def run_methods(plan: Plan) -> list[str]:
     return [m for m in METHODS if m in plan.ev.retrieval_methods and (m != "megacontext" or plan.run.megacontext)]
 
 
+def method_lengths(plan: Plan, method: str) -> list[int]:
+    """The prompt lengths `method` reads: all of them, the full context only up to eval.full_context_max."""
+    return [n for n in plan.retrieval_lengths() if method != "full" or n <= plan.ev.full_context_max]
+
+
 def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
     ev, run_ = plan.ev, plan.run
     filler = filler_tokens(datasets, run_.tokenizer.bos_id)
@@ -85,7 +90,7 @@ def run(plan: Plan, datasets: list[EvalData], bar) -> SuiteResult:
     records = []
     skipped = [f"{m}: not in eval.retrieval_methods" for m in METHODS if m not in ev.retrieval_methods]
     for method in methods:
-        mine = [n for n in lengths if method != "full" or n <= ev.full_context_max]
+        mine = method_lengths(plan, method)
         skipped += [f"full context at {n:,} tokens: above eval.full_context_max ({ev.full_context_max:,})"
                     for n in lengths if n not in mine]
         if not mine:

@@ -283,7 +283,7 @@ def _collapse(state: _State, us: UnitScores, collapsible, noise, step, p: Alloca
     m, k = collapsible.shape[0], p.k
     guard = (wanted & collapsible).astype(jnp.int32)
     rank = jnp.where(collapsible, us.collapse + noise, -jnp.inf)
-    _, _, order = jax.lax.sort((guard, -rank, jnp.arange(m)), num_keys=3)
+    _, _, order = jax.lax.sort((guard, -rank, jnp.arange(m)), num_keys=2)  # stable: ties keep unit order
     eligible = collapsible[order]
     passes = eligible & (guard[order] == 0) & (us.collapse[order] >= p.collapse_threshold)
     normal = passes & (prefix_sum(passes.astype(jnp.int32)) <= p.max_replacements)
