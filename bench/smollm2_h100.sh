@@ -5,6 +5,11 @@
 # there travel in .whl/ (bench/RESULTS.md).
 #   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1
 #   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH (edit_group = $EDIT_GROUPS if set; random weights of the real shapes)
+#   bash bench/smollm2_h100.sh runtime # decode latency, MC vs plain, 64k history, at W_max $WMAX (default 2048 8192),
+#       batch $BATCH (default 1 8), random weights of the real shapes (bench/runtime.py); RT_S seconds per W_max
+#   bash bench/smollm2_h100.sh fresh   # carry .device/gguf/part01: the retrieval suite before any MegaContext
+#       training (one step at T = 4,096 makes a run to evaluate; LoRA and LensNet as initialised) at 1k–16k,
+#       EVAL_S seconds
 #   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
 #   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT
 #   PARTS="aa ab ac ad" bash bench/smollm2_h100.sh ckpt   # the latest checkpoint (trainable params and optimizer
@@ -22,6 +27,11 @@ CFG=configs/smollm2_135m_mc.yaml
 GGUF=/root/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 RUN=(base_model.path=$GGUF telemetry.out_dir=/root/art telemetry.wandb=disabled telemetry.progress=false)
 mode=${1:-setup}; shift || true
+join_gguf() {  # the GGUF from half 1 (parked by setup) and half 2 (carried: .device/gguf/part01), checked
+  [ -f $GGUF ] && return 0
+  cat /root/gguf/part00 .device/gguf/part01 > $GGUF
+  [ "$(sha256sum $GGUF | cut -c1-64)" = "$(cat /root/gguf/SHA256)" ] || { echo "GGUF sha256 mismatch"; rm -f $GGUF; return 1; }
+}
 case $mode in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl
@@ -45,12 +55,18 @@ bench)  # the MegaContext step with and without its edits (and the plain step wh
     for g in $EDIT_GROUPS; do bench "T${t}_g${g}_b8" "$t" 8 megacontext.edit_group="$g" "$@"; done
   done
   ;;
+runtime)
+  [ -d /root/rand135 ] || python3 bench/random_base.py smollm2-135m /root/rand135 > /dev/null
+  for w in ${WMAX:-2048 8192}; do
+    timeout "${RT_S:-280}" python3 bench/runtime.py --config $CFG base_model.path=/root/rand135 --history 65536 \
+      --blocks 24 --batch ${BATCH:-1 8} --lens zero megacontext.wc_capacity="$w" runtime.max_tokens=131072 \
+      telemetry.wandb=disabled --json "$OUT/runtime.jsonl" > "$OUT/runtime_w$w.txt" 2>&1
+    echo "W_max $w rc=$?"; tail -20 "$OUT/runtime_w$w.txt"
+  done
+  ;;
 train)
-  if [ ! -f $GGUF ]; then
-    cat /root/gguf/part00 .device/gguf/part01 > $GGUF
-    [ "$(sha256sum $GGUF | cut -c1-64)" = "$(cat /root/gguf/SHA256)" ] || { echo "GGUF sha256 mismatch"; rm -f $GGUF; exit 1; }
-    python3 -m mcjax.cli prep --config $CFG "${RUN[@]}" "$@" 2>&1 | tail -3
-  fi
+  join_gguf || exit 1
+  [ -f artifacts/data/smollm2_135m_long/train.arrow ] || python3 -m mcjax.cli prep --config $CFG "${RUN[@]}" "$@" 2>&1 | tail -3
   resume=()
   [ -d /root/art/checkpoints/smollm2_135m_mc ] && resume=(--resume)
   python3 -m mcjax.cli train --config $CFG "${resume[@]}" "${RUN[@]}" training.time_limit_s="${TRAIN_S:-480}" "$@" \
@@ -63,6 +79,18 @@ train)
   tar -C "$run" -czf "$OUT/run/plots.tgz" plots 2>/dev/null
   last=$(ls /root/art/deltas/*_edits_*.parquet 2>/dev/null | tail -1)  # the latest edit labels, for their analysis
   [ -n "$last" ] && cp "$last" "$OUT/run/"
+  ;;
+fresh)
+  join_gguf || exit 1
+  F=(base_model.path=$GGUF telemetry.out_dir=/root/fresh telemetry.wandb=disabled telemetry.progress=false
+     name=smollm2_135m_fresh dataset.context_tokens=4096 training.max_steps=1
+     dataset.splits.train.output_path=/root/fresh/data/train.arrow dataset.splits.val.output_path=/root/fresh/data/val.arrow)
+  python3 -m mcjax.cli prep --config $CFG "${F[@]}" 2>&1 | tail -2
+  python3 -m mcjax.cli train --config $CFG "${F[@]}" > "$OUT/fresh_train.log" 2>&1; echo "train rc=$?"; tail -3 "$OUT/fresh_train.log"
+  timeout "${EVAL_S:-400}" python3 -m mcjax.cli eval --run /root/fresh/runs/smollm2_135m_fresh --suite retrieval \
+    "eval.retrieval_lengths=[1024,2048,4096,8192,16384]" eval.retrieval_samples=1 "$@" > "$OUT/eval.log" 2>&1
+  echo "eval rc=$?"; tail -30 "$OUT/eval.log"
+  mkdir -p "$OUT/eval" && tar -C /root/fresh/eval/smollm2_135m_fresh -czf "$OUT/eval/all.tgz" . 2>/dev/null
   ;;
 ckpt)
   ck=/root/art/checkpoints/smollm2_135m_mc

@@ -176,6 +176,7 @@ class AllocatorConfig:
     iterations: int = 2  # expand/collapse rounds per refocus (lax.fori_loop)
     temperature: float = 1.0  # Gumbel noise scale of the stochastic policy
     fill: bool = True  # after the thresholded edits, expand the best-scored gists into whatever budget is left
+    span_blocks: int = 1  # a block's score is the best of its own and the span_blocks − 1 blocks before it (LOD0 or LOD1): a fact that runs into the next block is expanded and kept whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,11 @@ class RuntimeConfig:
     max_tokens: int = 65536  # history capacity of a stream, tokens (rounded up to whole superblocks)
     refocus_interval: int = 32  # tokens decoded between refocuses; a multiple of dataset.block_size
     ingest_chunk: int = 8192  # most tokens appended to the tree per ingest step (LensNet + allocator after each)
+    # true: when a chunk overflows the budget every raw block but the tail and head becomes a gist (the recency layout
+    # training's on-policy variants start from) and that refocus only expands the best-scored; false: new blocks enter
+    # raw and forced collapses keep those whose tokens score best (the SmolLM2 run's retrieval at 8k, passkey /
+    # key–value exact: false 0.82 / 0.55, true 1.00 / 0.55, true with allocator.span_blocks 2 1.00 / 0.86; bench/RESULTS.md)
+    ingest_gists: bool = False
     collapse_margin: int = -1  # when forced collapses must make room, free this many entries more (fewer cache rebuilds); -1 = W_max/16
     prefill_buckets: int = 2  # cache rebuild sizes after a refocus: W, W/16, W/256, ... (1 = always the whole WC)
     lod_strip_every: int = 8  # refocuses between LOD strips in `mcjax infer` (0 = never)
@@ -745,6 +751,8 @@ def _validate_megacontext(cfg: Config, fail) -> None:
     _validate_mc_training(cfg, fail)
     if al.max_replacements < 1:
         fail("allocator.max_replacements", f"must be ≥ 1, got {al.max_replacements}")
+    if not 1 <= al.span_blocks <= 8:
+        fail("allocator.span_blocks", f"must be in 1..8 (1 = every block on its own), got {al.span_blocks}")
     if al.iterations < 1:
         fail("allocator.iterations", f"must be ≥ 1, got {al.iterations}")
     if al.cooldown_steps < 0:

@@ -93,6 +93,18 @@ def actions(old, new, k=K):
     return blk_exp, blk_col, sup_exp, sup_col
 
 
+def reference_span(lod, gist, mean0, span, head_blocks):
+    """span_scores by a loop: a LOD1/LOD0 block's score is the best of its own and those of the
+    span − 1 blocks before it at LOD0/LOD1 outside the head (gist [N1], token mean [N1])."""
+    own = np.where(lod == 1, gist, np.where(lod == 0, mean0, -np.inf))
+    best = own.copy()
+    for b in range(len(lod)):
+        for j in range(1, span):
+            if b - j >= head_blocks:
+                best[b] = max(best[b], own[b - j])
+    return np.where(lod == 1, best, gist), np.where(lod == 0, best, mean0)
+
+
 # ----------------------------------------------------------------------------- property test
 
 
@@ -133,6 +145,7 @@ def cases(draw):
         iterations=draw(st.sampled_from([1, 3])),
         policy=draw(st.sampled_from(["greedy", "stochastic"])),
         temperature=draw(st.floats(0.05, 2.0)),
+        span_blocks=draw(st.sampled_from([1, 2])),
     )
     return lod, scores, last, params, seed
 
@@ -180,9 +193,10 @@ def test_refocus_invariants(case):
 
     # thresholds: every expand passes; every collapse does unless it was forced
     gist, mean0, top = reference_scores(old, scores)
+    super_mean = gist.reshape(N2, K).mean(1)  # superblock units are never span-scored
+    gist, mean0 = reference_span(old, gist, mean0, p.span_blocks, -(-p.sink_tokens // K))
     assert (gist[blk_exp] >= p.expand_threshold - EPS).all()
     assert (top[sup_exp] >= p.expand_threshold - EPS).all()
-    super_mean = gist.reshape(N2, K).mean(1)
     below = int((-mean0[blk_col] < p.collapse_threshold - EPS).sum())
     below += int((-super_mean[sup_col] < p.collapse_threshold - EPS).sum())
     if fits:
@@ -303,6 +317,30 @@ def test_a_superblock_is_not_collapsed_over_the_block_it_would_expand():
     # over budget with nothing else to collapse: the guarded superblock is forced all the same
     new, _, stats = small(lod, scores, params(w_max=11, max_replacements=1, iterations=1))
     assert list(new) == [2, 2, 2, 2, 1, 1, 0, 0] and stats["num_forced_collapses"] == 1
+
+
+def test_span_blocks_expand_and_keep_a_block_with_the_one_before_it():
+    lod = [1, 1, 1, 1, 1, 1, 0, 0]
+    scores = [0.05, 0.05, 0.9, -0.5, 0.05, 0.05, 0, 0]
+    new, _, _ = small(lod, scores, params(expand_threshold=0.5))
+    assert list(new) == [1, 1, 0, 1, 1, 1, 0, 0]
+    new, _, stats = small(lod, scores, params(expand_threshold=0.5, span_blocks=2))
+    assert list(new) == [1, 1, 0, 0, 1, 1, 0, 0] and stats["num_expands"] == 2  # block 3 takes block 2's 0.9
+    # over budget: a raw block after a well-kept one is kept too
+    lod = [0] * 8
+    scores = [0.3, 0.4, 0.5, -0.2, 0.6, 0.1, 0.35, -0.9]
+    p = params(w_max=29, recent_tokens=K, collapse_threshold=0.5)
+    assert list(small(lod, scores, p)[0]) == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert list(small(lod, scores, dataclasses.replace(p, span_blocks=2))[0]) == [1, 0, 0, 0, 0, 0, 0, 0]
+    # the protected head lends no score: block 1 stands alone and is the lowest
+    scores = [0.9, 0.3, 0.5, -0.2, 0.6, 0.1, 0.45, -0.9]
+    p = dataclasses.replace(p, span_blocks=2)
+    assert list(small(lod, scores, p)[0]) == [0, 0, 0, 0, 0, 0, 1, 0]
+    assert list(small(lod, scores, dataclasses.replace(p, sink_tokens=K))[0]) == [0, 1, 0, 0, 0, 0, 0, 0]
+    # a gist after a raw block takes its token mean: block 1 (gist −0.5) follows block 0 (raw, 0.8)
+    lod = [0, 1, 1, 1, 1, 1, 0, 0]
+    scores = [0.8, -0.5, 0.05, 0.05, 0.05, 0.05, 0, 0]
+    assert list(small(lod, scores, params(expand_threshold=0.5, span_blocks=2))[0]) == [0, 0, 1, 1, 1, 1, 0, 0]
 
 
 def test_changed_blocks_are_frozen_for_the_rest_of_the_refocus():

@@ -25,7 +25,7 @@ from mcjax.model import kv_cache as kc
 from mcjax.model.gpt import GPT
 from mcjax.restore import LoadedRun
 from mcjax.runtime import Engine, Sampling
-from mcjax.runtime.mc import allocate
+from mcjax.runtime.mc import allocate, enter_as_gists
 from mcjax.train.setup import build_parts
 
 K, T, W, R = 8, 64, 64, 8  # block, training length, W_max, refocus interval
@@ -343,6 +343,29 @@ def test_a_long_stream_keeps_its_budget_in_use():
         if length > w:
             assert n >= 0.8 * w, (t, length, n)
             assert add > r or float(stats["swap_rate"]) <= 0.25  # an ingest chunk's own blocks must fold in
+
+
+def test_an_overflowing_chunk_enters_as_gists_but_its_tail():
+    """runtime.ingest_gists: K = 4, a head of one block, a tail of 4 tokens; the stream grows
+    to 48 tokens (12 blocks) with block 2 raw from before and blocks 4–11 new."""
+    alloc = AllocatorParams(k=4, w_max=64, recent_tokens=4, sink_tokens=4)
+    lod = jnp.zeros(16, jnp.int8).at[1].set(1).at[3].set(1)  # 4 + 1 + 4 + 1 + 4·8 = 42 entries
+    enter = jax.jit(enter_as_gists, static_argnums=3)
+    new = enter(lod, jnp.int32(48), alloc, 30)
+    assert new.tolist() == [0, 1, 1, 1] + [1] * 7 + [0] * 5  # blocks 2 and 4–10 (recency); 11 is the tail
+    assert enter(lod, jnp.int32(48), alloc, 42).tolist() == lod.tolist()  # fits: as it was
+    assert enter(lod, jnp.int32(46), alloc, 30).tolist() == [0, 1, 1, 1] + [1] * 6 + [0] * 6  # tail 10–11
+
+
+def test_an_ingest_as_gists_with_nothing_scored_is_recency(tmp_path):
+    """runtime.ingest_gists with LensNet's scores all 0: one 160-token chunk (20 blocks, W − R = 56)
+    enters as 18 gists + a 2-block tail (34 entries); the fill expands the most recent gists while
+    the layout stays within W − R − margin = 52 entries: two of them."""
+    run = fake_run(tmp_path, runtime={"ingest_gists": True, "ingest_chunk": 160})
+    run.params["lensnet"]["w_out"] = jnp.zeros_like(run.params["lensnet"]["w_out"])
+    engine = Engine(run, kind="mc", batch=1)
+    engine.ingest([_stream(160, 4)])
+    assert np.asarray(engine.state.block_lod)[0, :20].tolist() == [1] * 16 + [0] * 4
 
 
 # ----------------------------------------------------------------------------- bad input

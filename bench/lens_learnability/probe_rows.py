@@ -8,9 +8,10 @@ blocks the policy expanded (ROWS=i,j,…: only those val rows), and — with EXA
 exactly on that layout, and on two oracle layouts: recency with the fact's block raw, and with the
 next block raw too (a fact of ~20 tokens often runs into it), each paid for by the oldest raw blocks.
 SPLIT=1 (with EXACT): the first oracle becomes recency + the policy's expansions alone, paid for by
-the oldest raw blocks instead of the policy's own collapses. FACTS=1: also the blocks where the row's key–value facts start and the blocks the policy expanded.
+the oldest raw blocks instead of the policy's own collapses. ALLFACTS=1 (with EXACT): it becomes
+recency + every key–value fact of the row raw with its next block (the asked one and its look-alikes). FACTS=1: also the blocks where the row's key–value facts start and the blocks the policy expanded.
 DILATE=1: every gist scored max(its own score, its predecessor's), so the block after a wanted one
-is expanded too. Extra arguments are overrides of the run's config (e.g. megacontext.policy_rounds=4
+is expanded too. NOLORA=1: every LoRA B matrix zeroed (the frozen base as it came, with the trained GistNet and LensNet). Extra arguments are overrides of the run's config (e.g. megacontext.policy_rounds=4
 allocator.max_replacements=8): does more editing at eval time reach the fact?
 
 usage (repo root): PYTHONPATH=. python bench/lens_learnability/probe_rows.py RUN NROWS [overrides...]
@@ -44,6 +45,10 @@ if os.environ.get("DILATE") == "1":  # a block's gist also takes its predecessor
     MCForward.scores = _dilated
 run = load_run(RUN, OVERRIDES)
 cfg, params = run.cfg, run.params
+if os.environ.get("NOLORA") == "1":  # the base as it came: every LoRA B matrix zero
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if "lora" in jax.tree_util.keystr(p) and jax.tree_util.keystr(p).endswith("_b']") else x, params)
+    print("LoRA off:", sum(int("lora" in jax.tree_util.keystr(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)), "LoRA leaves")
 fw = MCForward(run.model, cfg)
 greedy = policy_params(cfg, explore=False)
 k, cap = cfg.dataset.block_size, cfg.wc_capacity
@@ -91,9 +96,12 @@ for j, i in enumerate(rows):
     raw = bool(chosen[fb] == 0)
     line = (f"row {i:4d} {TASKS[task[i] - 1]:8s} fact block {fb:3d} (LOD{start[fb]}) rank {rank:4d}  "
             f"raw {'yes' if raw else 'no '} (LOD{chosen[fb]} after; next block LOD{chosen[min(fb + 1, len(chosen) - 1)]})  expanded {int(((start > 0) & (chosen == 0)).sum()):3d}")
-    if os.environ.get("FACTS") == "1":  # where the row's key–value facts start, against the policy's expansions
+    facts = []
+    if os.environ.get("FACTS") == "1" or os.environ.get("ALLFACTS") == "1":  # where the row's key–value facts start
         row = np.asarray(src[i])
         starts = [p for p in range(len(row) - 8) if run.tokenizer.decode(row[p:p + 6].tolist()).startswith("\nOne of the special")]
+        facts = sorted({p // k for p in starts})
+    if os.environ.get("FACTS") == "1":  # … against the policy's expansions
         print(f"  row {i}: key–value facts start in blocks {sorted({p // k for p in starts})}; the policy expanded "
               f"{np.flatnonzero(cand & (chosen == 0)).tolist()}", flush=True)
     exact = None
@@ -105,12 +113,18 @@ for j, i in enumerate(rows):
             grown = np.flatnonzero((start > 0) & (chosen == 0))
             first[oldest_raw[:len(grown)]] = 1
             first[grown] = 0
+        if os.environ.get("ALLFACTS") == "1":  # every fact of the row raw with its next block
+            want = sorted({b + d for b in facts for d in (0, 1)} - set(raw_region.tolist()))
+            first = start.copy()
+            first[oldest_raw[:len(want)]] = 1
+            first[want] = 0
         lay = np.stack([first, oracle(fb, 2), start])[None].astype(np.int8)
         per = jax.device_get(probe(params, tok, jnp.asarray(lay), jnp.asarray([ans[i]], jnp.int32),
                                    jnp.asarray([fb], jnp.int32), cap))
         got = per["answer_exact"][0] > 0  # kinds: recency, random, lensnet, attention
         exact = (bool(got[2]), bool(got[0]), bool(got[1]))
-        first_name = "its expansions alone" if os.environ.get("SPLIT") == "1" else "fact's block raw"
+        first_name = ("every fact + next raw" if os.environ.get("ALLFACTS") == "1" else
+                      "its expansions alone" if os.environ.get("SPLIT") == "1" else "fact's block raw")
         line += f"  exact: LensNet {'yes' if got[2] else 'no '}, {first_name} {'yes' if got[0] else 'no '}, " \
                 f"+ the next {'yes' if got[1] else 'no '}"
     out.append((task[i], start[fb], rank, raw, exact))

@@ -17,7 +17,10 @@ Edits ("units") and their per-unit scores. Every edit changes the entry count by
 Entry scores are reduced to blocks with `segment_sum` over `wc.pos // K` (a LOD2 gist
 lands on its superblock's first block). The M = N1 + N2 units (N2 = N1 // K complete
 superblocks; a trailing partial superblock never goes to LOD2) are ranked together, so a
-block edit and a superblock edit compete on the same scale.
+block edit and a superblock edit compete on the same scale. With `span_blocks` > 1 a block
+unit's score is the best of its own and the `span_blocks` − 1 blocks' before it
+(`span_scores`): a fact that starts late in its block ends in the next, and the pair is
+expanded, and kept, together.
 
 A unit is *eligible* when it is at the right level and every block it touches is *free*:
 not in the protected tail (the blocks holding the last `recent_tokens` tokens: the last
@@ -101,6 +104,7 @@ class AllocatorParams:
     temperature: float = 1.0  # Gumbel noise scale (stochastic)
     fill_units: int = 0  # most fill expansions per refocus (static); 0 = no fill
     fill_to: int = 2**30  # the fill expands while the layout stays within min(fill_to, w_max) entries
+    span_blocks: int = 1  # a block's score: the best of its own and the span_blocks − 1 blocks before it (static)
 
     @classmethod
     def from_config(cls, cfg) -> AllocatorParams:
@@ -121,6 +125,7 @@ class AllocatorParams:
             policy=a.policy,
             temperature=a.temperature,
             fill_units=fill_units(w, k) if a.fill else 0,
+            span_blocks=a.span_blocks,
         )
 
 
@@ -137,7 +142,7 @@ jax.tree_util.register_dataclass(
         "temperature",
         "fill_to",
     ],
-    meta_fields=["k", "max_replacements", "iterations", "policy", "fill_units"],
+    meta_fields=["k", "max_replacements", "iterations", "policy", "fill_units", "span_blocks"],
 )
 
 
@@ -187,6 +192,27 @@ def unit_scores(wc: WorkingContext, scores: jnp.ndarray, n1: int, k: int) -> Uni
     return UnitScores(
         expand=jnp.concatenate([gist, super_gist]),
         collapse=jnp.concatenate([-token_sum / k, -super_mean]),
+    )
+
+
+def span_scores(us: UnitScores, lod: jnp.ndarray, span: int, head_blocks: int = 0) -> UnitScores:
+    """Block units scored as spans: a LOD1 block's expand score and a LOD0 block's keep score
+    (−collapse) become the best of its own and those of the `span` − 1 blocks before it that
+    are at LOD0 or LOD1 (a gist's score, a raw block's token mean), so the block after a wanted
+    one is expanded with it and kept while it stays: a fact that starts late in its block ends
+    in the next. The protected head's blocks lend no score. Superblock units are unchanged;
+    span 1 returns `us` as it is."""
+    if span <= 1:
+        return us
+    n1 = lod.shape[0]
+    own = jnp.where(lod == 1, us.expand[:n1], jnp.where(lod == 0, -us.collapse[:n1], -jnp.inf))
+    lends = jnp.where(jnp.arange(n1) >= head_blocks, own, -jnp.inf)
+    best = own
+    for j in range(1, span):
+        best = jnp.maximum(best, jnp.concatenate([jnp.full((j,), -jnp.inf), lends[: n1 - j]]))
+    return UnitScores(
+        expand=us.expand.at[:n1].set(jnp.where(lod == 1, best, us.expand[:n1])),
+        collapse=us.collapse.at[:n1].set(jnp.where(lod == 0, -best, us.collapse[:n1])),
     )
 
 
@@ -378,7 +404,7 @@ def refocus(
     n1, k = lod.shape[0], params.k
     length = jnp.asarray(n1 * k if length is None else length, jnp.int32)
     step = jnp.asarray(step, jnp.int32)
-    us = unit_scores(wc, scores, n1, k)
+    us = span_scores(unit_scores(wc, scores, n1, k), lod, params.span_blocks, -(-params.sink_tokens // k))
     zero = jnp.zeros((), jnp.int32)
     state = _State(lod, length, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero, zero)
     # unrolled: a handful of rounds, and no device loop whose condition the host must read

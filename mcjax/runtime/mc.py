@@ -18,9 +18,14 @@ C/K blocks, W = W_max):
                 the next-token distribution after the last cached entry; keys: a PRNG key.
 
 How they move:
-  ingest(chunk)  append up to P tokens to each tree (new blocks enter at LOD0), LensNet
-                 scores the working context (capacity W + P), refocus. No base model:
-                 only the final working context needs a cache, and `rebuild` makes it.
+  ingest(chunk)  append up to P tokens to each tree, LensNet scores the working context
+                 (capacity W + P), refocus. New blocks enter at LOD0, and forced
+                 collapses keep the raw blocks whose tokens score best; with
+                 runtime.ingest_gists, when the chunk overflows W − R every raw block but
+                 the tail and head becomes a gist (`enter_as_gists`: the recency layout)
+                 and that refocus only expands (cooldown ignored), the best-scored over
+                 the whole history. No base model: only the final working context needs a
+                 cache, and `rebuild` makes it.
   rebuild(size)  bring the cache up to date with the layout. An entry's RoPE position is
                  its global position or its slot (megacontext.positions), so a cache row
                  stays valid while its entry and every entry before it are unchanged:
@@ -58,7 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from mcjax.config import collapse_margin, runtime_capacity
-from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed, refocus, residency
+from mcjax.megacontext.allocator import AllocatorParams, entries, free_blocks, never_changed, refocus, residency
 from mcjax.megacontext.layout import WorkingContext, assemble, block_entry_counts, rope_positions
 from mcjax.megacontext.tree import StreamTree, append, empty_stream, refresh
 from mcjax.model import kv_cache as kc
@@ -88,6 +93,16 @@ def prefill_sizes(w: int, buckets: int) -> tuple[int, ...]:
     suffixes win (H100, d12, W = 8,192, batch 1: 512 slots 4.8 ms, 2,048 slots 15.4 ms,
     the whole WC 6.9 ms; bench/RESULTS.md), hence the steep spacing."""
     return (0,) + tuple(sorted({max(w // 16**i, 1) for i in range(buckets)}))
+
+
+def enter_as_gists(lod, length, alloc: AllocatorParams, high: int):
+    """The layout after a chunk grew a stream to `length` tokens (its new blocks raw): if it
+    holds more than `high` entries, every raw block the allocator may edit (not tail or head)
+    becomes a gist — the recency layout, from which the refocus expands the best-scored over
+    the whole history, not just the chunk. lod int8 [N1] -> int8 [N1]."""
+    n1 = lod.shape[0]
+    free = free_blocks(never_changed(n1), jnp.zeros(n1, bool), 0, alloc, length)
+    return jnp.where(free & (lod == 0) & (entries(lod, alloc.k, length) > high), 1, lod).astype(lod.dtype)
 
 
 def _voluntary(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc: AllocatorParams, high: int, margin: int):
@@ -201,12 +216,13 @@ class MCRuntime:
         t = state.tree
         return jax.vmap(one)(state.block_lod, t.lod0, t.lod1, t.lod2, t.length)
 
-    def _refocus(self, params, state: MCState, capacity: int, active) -> tuple[MCState, dict]:
-        """LensNet scores the WCs (capacity `capacity`); the allocator edits the layouts of the
-        `active` [B] streams (the others, and their step counters, stay as they are)."""
+    def _refocus(self, params, state: MCState, capacity: int, active, alloc=None) -> tuple[MCState, dict]:
+        """LensNet scores the WCs (capacity `capacity`); the allocator (`alloc`, default the
+        config's) edits the layouts of the `active` [B] streams (the others, and their step
+        counters, stay as they are)."""
         wc = self.working_context(params, state, capacity)
         scores = self.lensnet.apply({"params": params["lensnet"]}, wc)
-        high, alloc, t = self.w - self.r, self.alloc, state.tree
+        high, alloc, t = self.w - self.r, alloc or self.alloc, state.tree
         args = (wc, scores)
         lod, last, st, budget = jax.vmap(lambda *a: _voluntary(*a, alloc, high, self.margin))(
             state.block_lod, *args, state.last_changed, t.length, state.step, state.keys
@@ -227,7 +243,12 @@ class MCRuntime:
         """Append chunk int32 [B, P] (the first n_valid [B] tokens of each row) and refocus."""
         gist, embed = self._gist(params), self._embed(params)
         tree = jax.vmap(lambda t, c, n: append(gist, t, c, n, embed))(state.tree, chunk, n_valid)
-        return self._refocus(params, state._replace(tree=tree), self.w + chunk.shape[1], n_valid > 0)
+        lod, alloc = state.block_lod, self.alloc
+        if self.cfg.runtime.ingest_gists:  # the history re-enters as gists: this refocus only expands (and forces),
+            # over every block, cooldown ignored (the cache is rebuilt after an ingest anyway)
+            lod = jax.vmap(lambda l, n: enter_as_gists(l, n, self.alloc, self.w - self.r))(lod, tree.length)
+            alloc = dataclasses.replace(alloc, collapse_threshold=2.0, cooldown_steps=0)
+        return self._refocus(params, state._replace(tree=tree, block_lod=lod), self.w + chunk.shape[1], n_valid > 0, alloc)
 
     def _unchanged(self, params, state: MCState):
         """(the working contexts [B, W], their cached prefix that is still valid [B], their

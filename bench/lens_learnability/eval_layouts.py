@@ -1,0 +1,50 @@
+"""Where the retrieval suite's MegaContext answers miss: the needle's layout after ingest (CPU).
+
+The `mcjax eval --suite retrieval` prompts of one length (passkey and kv, every depth of
+eval.retrieval_depths, eval.retrieval_samples each) through the run's MegaContext engine as
+the suite runs them (`retrieval.score_prompts`: ingest, then the answer teacher-forced), one
+prompt at a time (extra arguments: overrides of the run's config, e.g. allocator.span_blocks=2), and after the ingest the LOD of the blocks holding the needle (its first
+and last token) in the engine's layout: is a miss a needle left compressed (the policy) or
+one the base does not read though it is raw (reading among gists)? ("raw blocks n/N" counts
+the engine's N block slots at LOD0, the absent ones past the prompt included.)
+
+usage (repo root): PYTHONPATH=. python bench/lens_learnability/eval_layouts.py RUN LENGTH [overrides...]
+"""
+import sys
+import time
+
+import numpy as np
+
+from mcjax.eval.data import filler_tokens, load_datasets
+from mcjax.eval.passkey import TASKS, make_prompt
+from mcjax.eval.retrieval import _engine
+from mcjax.eval.setup import plan as make_plan
+from mcjax.restore import load_run
+
+run = load_run(sys.argv[1], sys.argv[3:])
+length = int(sys.argv[2])
+plan = make_plan(run, ("retrieval",))
+ev, k = plan.ev, plan.k
+filler = filler_tokens(load_datasets(run), run.tokenizer.bos_id)
+engine = _engine(plan, "megacontext", length, 1)
+rows, t0 = [], time.time()
+for task in TASKS:
+    for d in ev.retrieval_depths:
+        for s in range(ev.retrieval_samples):
+            p = make_prompt(run.tokenizer, filler, task, length, d, s, ev.seed)
+            engine.reset(ev.seed)  # as retrieval.score_prompts: ingest, then the answer teacher-forced
+            engine.ingest([p.tokens], chunk=engine.chunk_for(length))
+            lod = np.asarray(engine.state.block_lod)[0]  # the layout the answer is read from
+            logp, greedy = engine.score(p.answer[None])
+            exact, nll = bool((greedy[0] == p.answer).all()), float(-logp[0].sum())
+            first, last = p.needle_start // k, (p.needle_start + p.needle_tokens - 1) // k
+            raw = bool((lod[first:last + 1] == 0).all())
+            rows.append((task, exact, raw))
+            print(f"{task:8s} depth {d:3d} sample {s}: needle blocks {first}-{last} LOD {lod[first:last + 1].tolist()}  "
+                  f"{'raw ' if raw else 'gist'}  exact {'yes' if exact else 'no '}  nll {nll:6.2f}  "
+                  f"raw blocks {int((lod == 0).sum())}/{len(lod)}  ({time.time() - t0:.0f}s)", flush=True)
+for task in TASKS:
+    r = np.array([(e, w) for t, e, w in rows if t == task], bool)
+    print(f"{task}: exact {r[:, 0].mean():.2f}; needle raw {r[:, 1].mean():.2f}; exact when raw "
+          f"{r[r[:, 1], 0].mean() if r[:, 1].any() else float('nan'):.2f}, when not "
+          f"{r[~r[:, 1], 0].mean() if (~r[:, 1]).any() else float('nan'):.2f}")
