@@ -11,7 +11,8 @@ SPLIT=1 (with EXACT): the first oracle becomes recency + the policy's expansions
 the oldest raw blocks instead of the policy's own collapses. ALLFACTS=1 (with EXACT): it becomes
 recency + every key–value fact of the row raw with its next block (the asked one and its look-alikes). FACTS=1: also the blocks where the row's key–value facts start and the blocks the policy expanded.
 DILATE=1: every gist scored max(its own score, its predecessor's), so the block after a wanted one
-is expanded too. NOLORA=1: every LoRA B matrix zeroed (the frozen base as it came, with the trained GistNet and LensNet). Extra arguments are overrides of the run's config (e.g. megacontext.policy_rounds=4
+is expanded too (the logs of 2026-12-07; the allocator's own form, raw blocks included, is the
+override allocator.span_blocks=2). NOLORA=1: every LoRA B matrix zeroed (the frozen base as it came, with the trained GistNet and LensNet). Extra arguments are overrides of the run's config (e.g. megacontext.policy_rounds=4
 allocator.max_replacements=8): does more editing at eval time reach the fact?
 
 usage (repo root): PYTHONPATH=. python bench/lens_learnability/probe_rows.py RUN NROWS [overrides...]
@@ -80,11 +81,11 @@ raw_region = np.flatnonzero(start == 0)
 oldest_raw = raw_region[raw_region >= cfg.megacontext.sink_tokens // k]  # after the head
 
 
-def oracle(fb, n):
-    """The recency layout with blocks fb … fb+n−1 raw, paid for by collapsing its n oldest raw blocks."""
+def oracle(blocks):
+    """The recency layout with `blocks` raw, paid for by collapsing as many of its oldest raw blocks."""
     lay = start.copy()
-    lay[oldest_raw[:n]] = 1
-    lay[fb:fb + n] = 0
+    lay[oldest_raw[:len(blocks)]] = 1
+    lay[blocks] = 0
     return lay
 out, t0 = [], time.time()
 for j, i in enumerate(rows):
@@ -107,18 +108,12 @@ for j, i in enumerate(rows):
     exact = None
     if EXACT:
         # slots: recency ← the fact's block raw; random ← it and the next one raw; LensNet's policy
-        first = oracle(fb, 1)
+        first = oracle([fb])
         if os.environ.get("SPLIT") == "1":  # the policy's expansions alone, paid for by the oldest raw blocks
-            first = start.copy()
-            grown = np.flatnonzero((start > 0) & (chosen == 0))
-            first[oldest_raw[:len(grown)]] = 1
-            first[grown] = 0
+            first = oracle(np.flatnonzero((start > 0) & (chosen == 0)))
         if os.environ.get("ALLFACTS") == "1":  # every fact of the row raw with its next block
-            want = sorted({b + d for b in facts for d in (0, 1)} - set(raw_region.tolist()))
-            first = start.copy()
-            first[oldest_raw[:len(want)]] = 1
-            first[want] = 0
-        lay = np.stack([first, oracle(fb, 2), start])[None].astype(np.int8)
+            first = oracle(sorted({b + d for b in facts for d in (0, 1)} - set(raw_region.tolist())))
+        lay = np.stack([first, oracle([fb, fb + 1]), start])[None].astype(np.int8)
         per = jax.device_get(probe(params, tok, jnp.asarray(lay), jnp.asarray([ans[i]], jnp.int32),
                                    jnp.asarray([fb], jnp.int32), cap))
         got = per["answer_exact"][0] > 0  # kinds: recency, random, lensnet, attention
