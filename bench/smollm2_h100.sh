@@ -8,10 +8,13 @@
 #   bash bench/smollm2_h100.sh runtime # decode latency, MC vs plain, 64k history, at W_max $WMAX (default 2048 8192),
 #       batch $BATCH (default 1 8), random weights of the real shapes (bench/runtime.py); RT_S seconds per W_max
 #   bash bench/smollm2_h100.sh fresh   # carry .device/gguf/part01: the retrieval suite before any MegaContext
-#       training (one step at T = 4,096 makes a run to evaluate; LoRA and LensNet as initialised) at 1k–16k,
-#       EVAL_S seconds
+#       training (one step at T = 4,096 makes a run to evaluate: LoRA and LensNet one optimizer step from
+#       their start) at 1k–16k, EVAL_S seconds per length
 #   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
-#   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT
+#   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT; with
+#       LENGTHS set, the retrieval suite once per length (each one's table kept: a call that runs out of time
+#       keeps the lengths it finished). A run restored from .device/ckpt takes its config.yaml from .device/run
+#       (carry it with the last parts) and the GGUF joined by an earlier call
 #   PARTS="aa ab ac ad" bash bench/smollm2_h100.sh ckpt   # the latest checkpoint (trainable params and optimizer
 #       state, ~73 MB) to $OUT/ckpt in 15 MiB parts with its sha256: four parts per call, then PARTS=ae (a file
 #       from $OUT may be at most 16 MiB, a call's files 64 MiB together)
@@ -31,6 +34,30 @@ join_gguf() {  # the GGUF from half 1 (parked by setup) and half 2 (carried: .de
   [ -f $GGUF ] && return 0
   cat /root/gguf/part00 .device/gguf/part01 > $GGUF
   [ "$(sha256sum $GGUF | cut -c1-64)" = "$(cat /root/gguf/SHA256)" ] || { echo "GGUF sha256 mismatch"; rm -f $GGUF; return 1; }
+}
+retrieval_by_length() {  # RUN_DIR TAG overrides...: the retrieval suite at each of $LENGTHS in turn, EVAL_S
+  # seconds each; every length's table, report and log go to /root/evout/TAG_N and, re-packed after each
+  # length, to $OUT/TAG.tgz (a call brings back at most 8 files)
+  local run=$1 tag=$2 n rc; shift 2
+  local ev; ev=$(dirname "$(dirname "$run")")/eval/$(basename "$run")
+  for n in $LENGTHS; do
+    mkdir -p "/root/evout/${tag}_$n"
+    timeout "${EVAL_S:-500}" python3 -m mcjax.cli eval --run "$run" --suite retrieval "eval.retrieval_lengths=[$n]" \
+      base_model.path=$GGUF "$@" > "/root/evout/${tag}_$n/eval.log" 2>&1
+    rc=$?; echo "$tag $n rc=$rc"
+    [ $rc = 0 ] && cp "$ev"/retrieval.json "$ev"/retrieval.parquet "$ev"/report.md "$ev"/*.png "/root/evout/${tag}_$n/" 2>/dev/null
+    python3 - "/root/evout/${tag}_$n/retrieval.json" <<'PY'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit()
+for r in d["summary"]["rows"]:
+    print(f"  {r['task']:8s} {r['method']:12s} {r['length']:6d} W {r.get('w_max')} n {r['prompts']:3d} exact {r['exact']:.3f} nll {r['answer_nll']:.3f}")
+print("  skipped:", d.get("skipped"))
+PY
+    (cd /root/evout && tar -czf "$OUT/$tag.tgz" "${tag}"_*)
+  done
 }
 case $mode in
 setup)
@@ -80,17 +107,19 @@ train)
   last=$(ls /root/art/deltas/*_edits_*.parquet 2>/dev/null | tail -1)  # the latest edit labels, for their analysis
   [ -n "$last" ] && cp "$last" "$OUT/run/"
   ;;
-fresh)
+fresh)  # a second call with LENGTHS set evaluates the same one-step run at more lengths
   join_gguf || exit 1
+  if [ -d /root/fresh/runs/smollm2_135m_fresh ]; then
+    LENGTHS=${LENGTHS:-16384} retrieval_by_length /root/fresh/runs/smollm2_135m_fresh fresh eval.retrieval_samples=1 "$@"
+    exit
+  fi
   F=(base_model.path=$GGUF telemetry.out_dir=/root/fresh telemetry.wandb=disabled telemetry.progress=false
      name=smollm2_135m_fresh dataset.context_tokens=4096 training.max_steps=1
      dataset.splits.train.output_path=/root/fresh/data/train.arrow dataset.splits.val.output_path=/root/fresh/data/val.arrow)
   python3 -m mcjax.cli prep --config $CFG "${F[@]}" 2>&1 | tail -2
   python3 -m mcjax.cli train --config $CFG "${F[@]}" > "$OUT/fresh_train.log" 2>&1; echo "train rc=$?"; tail -3 "$OUT/fresh_train.log"
-  timeout "${EVAL_S:-400}" python3 -m mcjax.cli eval --run /root/fresh/runs/smollm2_135m_fresh --suite retrieval \
-    "eval.retrieval_lengths=[1024,2048,4096,8192,16384]" eval.retrieval_samples=1 "$@" > "$OUT/eval.log" 2>&1
-  echo "eval rc=$?"; tail -30 "$OUT/eval.log"
-  mkdir -p "$OUT/eval" && tar -C /root/fresh/eval/smollm2_135m_fresh -czf "$OUT/eval/all.tgz" . 2>/dev/null
+  LENGTHS=${LENGTHS:-1024 2048 4096 8192 16384} retrieval_by_length /root/fresh/runs/smollm2_135m_fresh fresh \
+    eval.retrieval_samples=1 "$@"
   ;;
 ckpt)
   ck=/root/art/checkpoints/smollm2_135m_mc
@@ -117,9 +146,20 @@ restore)
   fi
   ;;
 eval)  # EVAL_S: seconds for the suites (each suite rewrites report.md, so what finished is copied).
-  # The retrieval suite scores ~1.5 prompt-methods a second on the H100 (bench/RESULTS.md): 220 prompts
-  # at each of 3 lengths do not fit one call; pass eval.retrieval_lengths / eval.retrieval_samples
-  timeout "${EVAL_S:-500}" python3 -m mcjax.cli eval --run /root/art/runs/smollm2_135m_mc "$@" > "$OUT/eval.log" 2>&1
+  # The retrieval suite scores ~0.5 prompt-methods a second at 8k–32k on the H100, the run's restore
+  # included (bench/RESULTS.md): 220 prompts at each of 3 lengths do not fit one call; pass LENGTHS and
+  # eval.retrieval_samples
+  join_gguf || exit 1
+  [ -f artifacts/data/smollm2_135m_long/tokenizer.json ] || python3 -m mcjax.cli prep --config $CFG "${RUN[@]}" 2>&1 | tail -3
+  if [ ! -f /root/art/runs/smollm2_135m_mc/config.yaml ]; then
+    mkdir -p /root/art/runs/smollm2_135m_mc && cp .device/run/config.yaml /root/art/runs/smollm2_135m_mc/ || exit 1
+  fi
+  if [ -n "${LENGTHS:-}" ]; then
+    retrieval_by_length /root/art/runs/smollm2_135m_mc trained "$@"
+    exit
+  fi
+  timeout "${EVAL_S:-500}" python3 -m mcjax.cli eval --run /root/art/runs/smollm2_135m_mc base_model.path=$GGUF "$@" \
+    > "$OUT/eval.log" 2>&1
   echo "eval rc=$?"
   tail -60 "$OUT/eval.log"
   ev=/root/art/eval/smollm2_135m_mc

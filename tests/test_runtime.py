@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from pathlib import Path
 
 import jax
@@ -366,6 +367,31 @@ def test_an_ingest_as_gists_with_nothing_scored_is_recency(tmp_path):
     engine = Engine(run, kind="mc", batch=1)
     engine.ingest([_stream(160, 4)])
     assert np.asarray(engine.state.block_lod)[0, :20].tolist() == [1] * 16 + [0] * 4
+
+
+def test_an_ingest_as_gists_only_expands_and_ignores_cooldown(tmp_path, monkeypatch):
+    """runtime.ingest_gists with a LensNet that wants block 5 (score 0.9) and nothing else (−0.9):
+    the first chunk (20 blocks) expands it; the second (10 more) turns it back into a gist one
+    refocus later, inside its cooldown of 2, and the ingest re-expands it all the same — while
+    no all-gist superblock, every one scored −0.9 ≥ the collapse threshold, collapses to LOD2.
+    (Each half of the override is needed: with the config's cooldown block 5 stays a gist; with its
+    collapse threshold blocks 8–23 go to LOD2.)"""
+    import mcjax.runtime.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_PROGRAMS", {})  # the fake LensNet stays out of other tests' programs
+    run = fake_run(tmp_path, runtime={"ingest_gists": True, "ingest_chunk": 160}, allocator={"cooldown_steps": 2})
+    engine = Engine(run, kind="mc", batch=1)
+
+    def wants_block_5(variables, wc):
+        hit = (wc.pos < 6 * K) & (wc.pos + wc.span > 5 * K)
+        return jnp.where(wc.valid, jnp.where(hit, 0.9, -0.9), 0.0)
+
+    engine.rt.lensnet = types.SimpleNamespace(apply=wants_block_5)
+    engine.ingest([_stream(160, 4)])
+    assert np.asarray(engine.state.block_lod)[0, 5] == 0
+    engine.ingest([_stream(80, 5)])  # 30 blocks: 28 gists + the tail = 44 entries ≤ 52, one expansion fits
+    lod = np.asarray(engine.state.block_lod)[0, :30]
+    assert lod[5] == 0 and lod.max() == 1 and lod[28:].tolist() == [0, 0], lod.tolist()
 
 
 # ----------------------------------------------------------------------------- bad input

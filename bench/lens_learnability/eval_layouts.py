@@ -8,8 +8,13 @@ and last token) in the engine's layout: is a miss a needle left compressed (the 
 one the base does not read though it is raw (reading among gists)? ("raw blocks n/N" counts
 the engine's N block slots at LOD0, the absent ones past the prompt included.)
 
-usage (repo root): PYTHONPATH=. python bench/lens_learnability/eval_layouts.py RUN LENGTH [overrides...]
+LENS=init swaps the checkpoint's LensNet for the one training starts from (training.seed), the rest
+as trained: how much of the engine's retrieval the trained LensNet adds.
+
+usage (repo root): [LENS=init] PYTHONPATH=. python bench/lens_learnability/eval_layouts.py RUN LENGTH [overrides...]
 """
+import dataclasses
+import os
 import sys
 import time
 
@@ -20,8 +25,12 @@ from mcjax.eval.passkey import TASKS, make_prompt
 from mcjax.eval.retrieval import _engine
 from mcjax.eval.setup import plan as make_plan
 from mcjax.restore import load_run
+from mcjax.train.setup import build_parts
 
 run = load_run(sys.argv[1], sys.argv[3:])
+if os.environ.get("LENS") == "init":
+    start = build_parts(run.cfg).fresh().params["lensnet"]
+    run = dataclasses.replace(run, params=dict(run.params, lensnet=start))
 length = int(sys.argv[2])
 plan = make_plan(run, ("retrieval",))
 ev, k = plan.ev, plan.k
