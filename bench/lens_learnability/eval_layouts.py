@@ -8,10 +8,15 @@ and last token) in the engine's layout: is a miss a needle left compressed (the 
 one the base does not read though it is raw (reading among gists)? ("raw blocks n/N" counts
 the engine's N block slots at LOD0, the absent ones past the prompt included.)
 
+RANK=1 also prints where LensNet ranks the needle in the layout the ingest's refocus starts from
+(every block a gist but head and tail, `runtime.ingest_gists`): its best block's span score
+(allocator.span_blocks) among all the gists', and how many gists the refocus expanded. TASK=kv (or
+passkey) runs one task only.
+
 LENS=init swaps the checkpoint's LensNet for the one training starts from (training.seed), the rest
 as trained: how much of the engine's retrieval the trained LensNet adds.
 
-usage (repo root): [LENS=init] PYTHONPATH=. python bench/lens_learnability/eval_layouts.py RUN LENGTH [overrides...]
+usage (repo root): [LENS=init] [RANK=1] [TASK=kv] PYTHONPATH=. python bench/lens_learnability/eval_layouts.py RUN LENGTH [overrides...]
 """
 import dataclasses
 import os
@@ -25,6 +30,7 @@ from mcjax.eval.passkey import TASKS, make_prompt
 from mcjax.eval.retrieval import _engine
 from mcjax.eval.setup import plan as make_plan
 from mcjax.restore import load_run
+from mcjax.runtime.mc import enter_as_gists
 from mcjax.train.setup import build_parts
 
 run = load_run(sys.argv[1], sys.argv[3:])
@@ -36,23 +42,51 @@ plan = make_plan(run, ("retrieval",))
 ev, k = plan.ev, plan.k
 filler = filler_tokens(load_datasets(run), run.tokenizer.bos_id)
 engine = _engine(plan, "megacontext", length, 1)
+
+
+def needle_rank(first: int, last: int) -> str:
+    """LensNet's rank of the needle's best block among the gists of the recency layout."""
+    rt, st = engine.rt, engine.state
+    lod0 = st.block_lod[0]
+    start = enter_as_gists(lod0, st.tree.length[0], rt.alloc, -1)  # every free raw block a gist
+    wc = rt.working_context(run.params, st._replace(block_lod=start[None]), rt.w)
+    scores = np.asarray(rt.lensnet.apply({"params": run.params["lensnet"]}, wc))[0]
+    blk_lod, pos = np.asarray(wc.lod)[0], np.asarray(wc.pos)[0]
+    gist = (blk_lod == 1) & np.asarray(wc.valid)[0]
+    s = np.full(len(lod0), -np.inf)
+    s[pos[gist] // k] = scores[gist]
+    span = run.cfg.allocator.span_blocks
+    best = s.copy()
+    for j in range(1, span):
+        best[j:] = np.maximum(best[j:], s[:-j])
+    best[~np.isfinite(s)] = -np.inf
+    mine = best[first:last + 1].max()
+    expanded = int(((np.asarray(lod0) == 0) & (np.asarray(start) == 1)).sum())
+    return f"rank {int((best > mine).sum()) + 1} of {int(np.isfinite(best).sum())} gists ({expanded} expanded)"
+
+
 rows, t0 = [], time.time()
 for task in TASKS:
+    if os.environ.get("TASK", task) != task:
+        continue
     for d in ev.retrieval_depths:
         for s in range(ev.retrieval_samples):
             p = make_prompt(run.tokenizer, filler, task, length, d, s, ev.seed)
             engine.reset(ev.seed)  # as retrieval.score_prompts: ingest, then the answer teacher-forced
             engine.ingest([p.tokens], chunk=engine.chunk_for(length))
             lod = np.asarray(engine.state.block_lod)[0]  # the layout the answer is read from
+            first, last = p.needle_start // k, (p.needle_start + p.needle_tokens - 1) // k
+            rank = f"  {needle_rank(first, last)}" if os.environ.get("RANK") else ""  # before the answer moves the state
             logp, greedy = engine.score(p.answer[None])
             exact, nll = bool((greedy[0] == p.answer).all()), float(-logp[0].sum())
-            first, last = p.needle_start // k, (p.needle_start + p.needle_tokens - 1) // k
             raw = bool((lod[first:last + 1] == 0).all())
             rows.append((task, exact, raw))
             print(f"{task:8s} depth {d:3d} sample {s}: needle blocks {first}-{last} LOD {lod[first:last + 1].tolist()}  "
                   f"{'raw ' if raw else 'gist'}  exact {'yes' if exact else 'no '}  nll {nll:6.2f}  "
-                  f"raw blocks {int((lod == 0).sum())}/{len(lod)}  ({time.time() - t0:.0f}s)", flush=True)
+                  f"raw blocks {int((lod == 0).sum())}/{len(lod)}{rank}  ({time.time() - t0:.0f}s)", flush=True)
 for task in TASKS:
+    if os.environ.get("TASK", task) != task:
+        continue
     r = np.array([(e, w) for t, e, w in rows if t == task], bool)
     print(f"{task}: exact {r[:, 0].mean():.2f}; needle raw {r[:, 1].mean():.2f}; exact when raw "
           f"{r[r[:, 1], 0].mean() if r[:, 1].any() else float('nan'):.2f}, when not "
