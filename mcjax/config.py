@@ -177,6 +177,7 @@ class AllocatorConfig:
     temperature: float = 1.0  # Gumbel noise scale of the stochastic policy
     fill: bool = True  # after the thresholded edits, expand the best-scored gists into whatever budget is left
     span_blocks: int = 1  # a block's score is the best of its own and the span_blocks − 1 blocks before it (LOD0 or LOD1): a fact that runs into the next block is expanded and kept whole
+    span_back: int = 0  # a block's score is also the best of the span_back blocks after it (LOD0 or LOD1, not the tail's): a fact whose later block scores higher is expanded from its start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -753,6 +754,8 @@ def _validate_megacontext(cfg: Config, fail) -> None:
         fail("allocator.max_replacements", f"must be ≥ 1, got {al.max_replacements}")
     if not 1 <= al.span_blocks <= 8:
         fail("allocator.span_blocks", f"must be in 1..8 (1 = every block on its own), got {al.span_blocks}")
+    if not 0 <= al.span_back <= 7:
+        fail("allocator.span_back", f"must be in 0..7 (0 = no block lends to the one before it), got {al.span_back}")
     if al.iterations < 1:
         fail("allocator.iterations", f"must be ≥ 1, got {al.iterations}")
     if al.cooldown_steps < 0:

@@ -93,15 +93,20 @@ def actions(old, new, k=K):
     return blk_exp, blk_col, sup_exp, sup_col
 
 
-def reference_span(lod, gist, mean0, span, head_blocks):
+def reference_span(lod, gist, mean0, span, head_blocks, back=0, tail_blocks=0):
     """span_scores by a loop: a LOD1/LOD0 block's score is the best of its own and those of the
-    span − 1 blocks before it at LOD0/LOD1 outside the head (gist [N1], token mean [N1])."""
+    span − 1 blocks before it and the `back` blocks after it at LOD0/LOD1 outside the head (and,
+    after it, outside the last `tail_blocks`) (gist [N1], token mean [N1])."""
     own = np.where(lod == 1, gist, np.where(lod == 0, mean0, -np.inf))
     best = own.copy()
-    for b in range(len(lod)):
+    n1 = len(lod)
+    for b in range(n1):
         for j in range(1, span):
             if b - j >= head_blocks:
                 best[b] = max(best[b], own[b - j])
+        for j in range(1, back + 1):
+            if head_blocks <= b + j < n1 - tail_blocks:
+                best[b] = max(best[b], own[b + j])
     return np.where(lod == 1, best, gist), np.where(lod == 0, best, mean0)
 
 
@@ -145,7 +150,7 @@ def cases(draw):
         iterations=draw(st.sampled_from([1, 3])),
         policy=draw(st.sampled_from(["greedy", "stochastic"])),
         temperature=draw(st.floats(0.05, 2.0)),
-        span_blocks=draw(st.sampled_from([1, 2])),
+        **dict(zip(("span_blocks", "span_back"), draw(st.sampled_from([(1, 0), (2, 0), (2, 1)])))),
     )
     return lod, scores, last, params, seed
 
@@ -194,7 +199,7 @@ def test_refocus_invariants(case):
     # thresholds: every expand passes; every collapse does unless it was forced
     gist, mean0, top = reference_scores(old, scores)
     super_mean = gist.reshape(N2, K).mean(1)  # superblock units are never span-scored
-    gist, mean0 = reference_span(old, gist, mean0, p.span_blocks, -(-p.sink_tokens // K))
+    gist, mean0 = reference_span(old, gist, mean0, p.span_blocks, -(-p.sink_tokens // K), p.span_back, tail)
     assert (gist[blk_exp] >= p.expand_threshold - EPS).all()
     assert (top[sup_exp] >= p.expand_threshold - EPS).all()
     below = int((-mean0[blk_col] < p.collapse_threshold - EPS).sum())
@@ -341,6 +346,20 @@ def test_span_blocks_expand_and_keep_a_block_with_the_one_before_it():
     lod = [0, 1, 1, 1, 1, 1, 0, 0]
     scores = [0.8, -0.5, 0.05, 0.05, 0.05, 0.05, 0, 0]
     assert list(small(lod, scores, params(expand_threshold=0.5, span_blocks=2))[0]) == [0, 0, 1, 1, 1, 1, 0, 0]
+
+
+def test_span_back_expands_a_block_with_the_one_after_it_but_not_before_the_tail():
+    lod = [1, 1, 1, 1, 1, 1, 0, 0]  # the last two blocks: the tail (recent_tokens 2K)
+    scores = [0.05, 0.05, -0.5, 0.9, 0.05, 0.05, 0, 0]
+    new, _, _ = small(lod, scores, params(expand_threshold=0.5, span_blocks=2))
+    assert list(new) == [1, 1, 1, 0, 0, 1, 0, 0]  # forward only: block 2 (−0.5) stays a gist
+    new, _, stats = small(lod, scores, params(expand_threshold=0.5, span_back=1))
+    assert list(new) == [1, 1, 0, 0, 1, 1, 0, 0] and stats["num_expands"] == 2  # block 2 takes block 3's 0.9
+    new, _, _ = small(lod, scores, params(expand_threshold=0.5, span_blocks=2, span_back=1))
+    assert list(new) == [1, 1, 0, 0, 0, 1, 0, 0]
+    # the tail lends nothing backwards: its raw blocks' 0.9 leaves block 5 a gist
+    tail_high = [0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.9, 0.9]
+    assert list(small(lod, tail_high, params(expand_threshold=0.5, span_back=1))[0]) == lod
 
 
 def test_changed_blocks_are_frozen_for_the_rest_of_the_refocus():

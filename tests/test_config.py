@@ -235,6 +235,8 @@ def test_allocator_values(tmp_path):
     assert "allocator.expand_threshold: must be in [0, 1]" in _error(tmp_path, ["allocator.expand_threshold=1.5"])
     assert "allocator.max_replacements: must be ≥ 1" in _error(tmp_path, ["allocator.max_replacements=0"])
     assert "allocator.span_blocks: must be in 1..8" in _error(tmp_path, ["allocator.span_blocks=0"])
+    assert "allocator.span_back: must be in 0..7 (0 = no block lends to the one before it), got 8" in _error(
+        tmp_path, ["allocator.span_back=8"])
     assert "lensnet.num_heads" in _error(tmp_path, ["lensnet.num_heads=3"])
     assert "gistnet.width: must be an even number in [2, model_dim = 64]" in _error(tmp_path, ["gistnet.width=128"])
     assert "gistnet.num_heads: must split gistnet width 32 into even-sized heads, got 3" in _error(

@@ -20,7 +20,8 @@ superblocks; a trailing partial superblock never goes to LOD2) are ranked togeth
 block edit and a superblock edit compete on the same scale. With `span_blocks` > 1 a block
 unit's score is the best of its own and the `span_blocks` − 1 blocks' before it
 (`span_scores`): a fact that starts late in its block ends in the next, and the pair is
-expanded, and kept, together.
+expanded, and kept, together; with `span_back` > 0 also of the `span_back` blocks' after it
+(the tail's lend nothing), so a fact whose later block scores higher is expanded from its start.
 
 A unit is *eligible* when it is at the right level and every block it touches is *free*:
 not in the protected tail (the blocks holding the last `recent_tokens` tokens: the last
@@ -105,6 +106,7 @@ class AllocatorParams:
     fill_units: int = 0  # most fill expansions per refocus (static); 0 = no fill
     fill_to: int = 2**30  # the fill expands while the layout stays within min(fill_to, w_max) entries
     span_blocks: int = 1  # a block's score: the best of its own and the span_blocks − 1 blocks before it (static)
+    span_back: int = 0  # … and of the span_back blocks after it, the tail's excepted (static)
 
     @classmethod
     def from_config(cls, cfg) -> AllocatorParams:
@@ -126,6 +128,7 @@ class AllocatorParams:
             temperature=a.temperature,
             fill_units=fill_units(w, k) if a.fill else 0,
             span_blocks=a.span_blocks,
+            span_back=a.span_back,
         )
 
 
@@ -142,7 +145,7 @@ jax.tree_util.register_dataclass(
         "temperature",
         "fill_to",
     ],
-    meta_fields=["k", "max_replacements", "iterations", "policy", "fill_units", "span_blocks"],
+    meta_fields=["k", "max_replacements", "iterations", "policy", "fill_units", "span_blocks", "span_back"],
 )
 
 
@@ -195,14 +198,17 @@ def unit_scores(wc: WorkingContext, scores: jnp.ndarray, n1: int, k: int) -> Uni
     )
 
 
-def span_scores(us: UnitScores, lod: jnp.ndarray, span: int, head_blocks: int = 0) -> UnitScores:
+def span_scores(us: UnitScores, lod: jnp.ndarray, span: int, head_blocks: int = 0, back: int = 0, tail=None) -> UnitScores:
     """Block units scored as spans: a LOD1 block's expand score and a LOD0 block's keep score
     (−collapse) become the best of its own and those of the `span` − 1 blocks before it that
     are at LOD0 or LOD1 (a gist's score, a raw block's token mean), so the block after a wanted
     one is expanded with it and kept while it stays: a fact that starts late in its block ends
-    in the next. The protected head's blocks lend no score. Superblock units are unchanged;
-    span 1 returns `us` as it is."""
-    if span <= 1:
+    in the next. With `back` > 0 also of the `back` blocks after it, so the block *before* a
+    wanted one comes too (a fact whose later block scores higher). The protected head's blocks
+    lend no score, nor backwards the tail's (`tail`, bool [N1]: raw by rule, its keep scores say
+    nothing of the blocks before it). Superblock units are unchanged; span 1 with back 0 returns
+    `us` as it is."""
+    if span <= 1 and back <= 0:
         return us
     n1 = lod.shape[0]
     own = jnp.where(lod == 1, us.expand[:n1], jnp.where(lod == 0, -us.collapse[:n1], -jnp.inf))
@@ -210,6 +216,9 @@ def span_scores(us: UnitScores, lod: jnp.ndarray, span: int, head_blocks: int = 
     best = own
     for j in range(1, span):
         best = jnp.maximum(best, jnp.concatenate([jnp.full((j,), -jnp.inf), lends[: n1 - j]]))
+    lends_back = lends if tail is None else jnp.where(tail, -jnp.inf, lends)
+    for j in range(1, back + 1):
+        best = jnp.maximum(best, jnp.concatenate([lends_back[j:], jnp.full((j,), -jnp.inf)]))
     return UnitScores(
         expand=us.expand.at[:n1].set(jnp.where(lod == 1, best, us.expand[:n1])),
         collapse=us.collapse.at[:n1].set(jnp.where(lod == 0, -best, us.collapse[:n1])),
@@ -404,7 +413,9 @@ def refocus(
     n1, k = lod.shape[0], params.k
     length = jnp.asarray(n1 * k if length is None else length, jnp.int32)
     step = jnp.asarray(step, jnp.int32)
-    us = span_scores(unit_scores(wc, scores, n1, k), lod, params.span_blocks, -(-params.sink_tokens // k))
+    tail = (jnp.arange(n1) + 1) * k > length - jnp.asarray(params.recent_tokens)  # as free_blocks
+    us = span_scores(unit_scores(wc, scores, n1, k), lod, params.span_blocks, -(-params.sink_tokens // k),
+                     params.span_back, tail)
     zero = jnp.zeros((), jnp.int32)
     state = _State(lod, length, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero, zero)
     # unrolled: a handful of rounds, and no device loop whose condition the host must read
