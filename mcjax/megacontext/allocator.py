@@ -225,6 +225,12 @@ def span_scores(us: UnitScores, lod: jnp.ndarray, span: int, head_blocks: int = 
     )
 
 
+def tail_blocks(n1: int, p: AllocatorParams, length) -> jnp.ndarray:
+    """bool [N1]: the protected tail — every block holding one of the last `recent_tokens` of the
+    `length` tokens present, and every block past them (absent)."""
+    return (jnp.arange(n1) + 1) * p.k > length - jnp.asarray(p.recent_tokens)
+
+
 def free_blocks(last_changed, changed, step, p: AllocatorParams, length=None) -> jnp.ndarray:
     """bool [N1]: blocks that may change now (not tail or head, not in cooldown, not yet changed).
 
@@ -234,8 +240,7 @@ def free_blocks(last_changed, changed, step, p: AllocatorParams, length=None) ->
     """
     n1 = last_changed.shape[0]
     length = n1 * p.k if length is None else length
-    blocks = jnp.arange(n1)
-    protected = ((blocks + 1) * p.k > length - jnp.asarray(p.recent_tokens)) | (blocks * p.k < jnp.asarray(p.sink_tokens))
+    protected = tail_blocks(n1, p, length) | (jnp.arange(n1) * p.k < jnp.asarray(p.sink_tokens))
     cooling = step - last_changed < p.cooldown_steps
     return ~protected & ~cooling & ~changed
 
@@ -413,9 +418,8 @@ def refocus(
     n1, k = lod.shape[0], params.k
     length = jnp.asarray(n1 * k if length is None else length, jnp.int32)
     step = jnp.asarray(step, jnp.int32)
-    tail = (jnp.arange(n1) + 1) * k > length - jnp.asarray(params.recent_tokens)  # as free_blocks
     us = span_scores(unit_scores(wc, scores, n1, k), lod, params.span_blocks, -(-params.sink_tokens // k),
-                     params.span_back, tail)
+                     params.span_back, tail_blocks(n1, params, length))
     zero = jnp.zeros((), jnp.int32)
     state = _State(lod, length, jnp.zeros(n1, bool), jnp.asarray(last_changed, jnp.int32), zero, zero, zero, zero)
     # unrolled: a handful of rounds, and no device loop whose condition the host must read
