@@ -9,9 +9,9 @@ one the base does not read though it is raw (reading among gists)? ("raw blocks 
 the engine's N block slots at LOD0, the absent ones past the prompt included.)
 
 RANK=1 also prints where LensNet ranks the needle in the layout the ingest's refocus starts from
-(every block a gist but head and tail, `runtime.ingest_gists`): its best block's span score
-(allocator.span_blocks) among all the gists', and how many gists the refocus expanded. TASK=kv (or
-passkey) runs one task only.
+(every block a gist but head and tail, `runtime.ingest_gists`): its best block's expand score as
+the allocator ranks it (`unit_scores` + `span_scores`: span_blocks, span_back) among all the
+gists', and how many gists the refocus expanded. TASK=kv (or passkey) runs one task only.
 
 LENS=init swaps the checkpoint's LensNet for the one training starts from (training.seed), the rest
 as trained: how much of the engine's retrieval the trained LensNet adds.
@@ -23,12 +23,14 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from mcjax.eval.data import filler_tokens, load_datasets
 from mcjax.eval.passkey import TASKS, make_prompt
 from mcjax.eval.retrieval import _engine
 from mcjax.eval.setup import plan as make_plan
+from mcjax.megacontext.allocator import span_scores, tail_blocks, unit_scores
 from mcjax.restore import load_run
 from mcjax.runtime.mc import enter_as_gists
 from mcjax.train.setup import build_parts
@@ -50,16 +52,12 @@ def needle_rank(first: int, last: int) -> str:
     lod0 = st.block_lod[0]
     start = enter_as_gists(lod0, st.tree.length[0], rt.alloc, -1)  # every free raw block a gist
     wc = rt.working_context(run.params, st._replace(block_lod=start[None]), rt.w)
-    scores = np.asarray(rt.lensnet.apply({"params": run.params["lensnet"]}, wc))[0]
-    blk_lod, pos = np.asarray(wc.lod)[0], np.asarray(wc.pos)[0]
-    gist = (blk_lod == 1) & np.asarray(wc.valid)[0]
-    s = np.full(len(lod0), -np.inf)
-    s[pos[gist] // k] = scores[gist]
-    span = run.cfg.allocator.span_blocks
-    best = s.copy()
-    for j in range(1, span):
-        best[j:] = np.maximum(best[j:], s[:-j])
-    best[~np.isfinite(s)] = -np.inf
+    scores = rt.lensnet.apply({"params": run.params["lensnet"]}, wc)
+    one = jax.tree.map(lambda x: x[0], wc)
+    n1, p = len(lod0), rt.alloc  # the gists' expand scores as the allocator ranks them (spans included)
+    us = span_scores(unit_scores(one, scores[0], n1, k), start, p.span_blocks, -(-p.sink_tokens // k),
+                     p.span_back, tail_blocks(n1, p, st.tree.length[0]))
+    best = np.where(np.asarray(start) == 1, np.asarray(us.expand[:n1]), -np.inf)
     mine = best[first:last + 1].max()
     expanded = int(((np.asarray(lod0) == 0) & (np.asarray(start) == 1)).sum())
     return f"rank {int((best > mine).sum()) + 1} of {int(np.isfinite(best).sum())} gists ({expanded} expanded)"
