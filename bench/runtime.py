@@ -58,7 +58,7 @@ def nbytes(tree) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e9
 
 
-def measure(run: LoadedRun, kind: str, batch: int, history: int, blocks: int, trace: str = "") -> dict:
+def measure(run: LoadedRun, kind: str, batch: int, history: int, blocks: int, trace: str = "", hlo: str = "") -> dict:
     rng = np.random.default_rng(0)
     vocab = run.cfg.dataset.vocab_size
     eng = Engine(run, kind=kind, batch=batch)
@@ -94,6 +94,10 @@ def measure(run: LoadedRun, kind: str, batch: int, history: int, blocks: int, tr
     }
     if trace:
         profile(eng, f"{trace}/{kind}_b{batch}")
+    if hlo:  # the decode block's program as XLA compiled it (fusions, copies, loops)
+        text = eng._generate.lower(eng.params, eng.state, Sampling(temperature=1.0)).compile().as_text()
+        Path(hlo).mkdir(parents=True, exist_ok=True)
+        Path(f"{hlo}/{kind}_b{batch}_generate.txt").write_text(text)
     if kind == "mc":
         out.update(breakdown(eng))
         rebuilt = [row["runtime/rebuilt"] for row in rows]
@@ -179,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory", type=int, default=0, help="also measure one stream of this many tokens")
     p.add_argument("--json", default="", help="append every result here (JSON lines)")
     p.add_argument("--profile", default="", help="also trace 3 decode blocks per measurement into this folder")
+    p.add_argument("--hlo", default="", help="also write each engine's compiled decode-block program (HLO text) here")
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key.path=value, anywhere
     args = p.parse_args([a for a in argv if a not in overrides])
@@ -192,7 +197,7 @@ def main(argv=None) -> int:
             for kind in args.engines:
                 if kind == "plain" and lens != args.lens[0]:
                     continue  # the plain engine has no LensNet
-                res = {"lens": lens if kind == "mc" else "-", **measure(run, kind, batch, args.history, args.blocks, args.profile)}
+                res = {"lens": lens if kind == "mc" else "-", **measure(run, kind, batch, args.history, args.blocks, args.profile, args.hlo)}
                 results.append(res)
                 print(json.dumps(res), flush=True)
         del run  # its params: the memory figure below holds one engine's

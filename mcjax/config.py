@@ -195,6 +195,7 @@ class RuntimeConfig:
     collapse_margin: int = -1  # when forced collapses must make room, free this many entries more (fewer cache rebuilds); -1 = W_max/16
     prefill_buckets: int = 2  # cache rebuild sizes after a refocus: W, W/16, W/256, ... (1 = always the whole WC)
     lod_strip_every: int = 8  # refocuses between LOD strips in `mcjax infer` (0 = never)
+    decode_kernel: str = "auto"  # the decode step's attention: pallas (one split-K kernel, GPU), xla, auto = pallas on GPU
 
 
 RETRIEVAL_METHODS = ("full", "megacontext", "recency")  # the retrieval suite's engines (eval/retrieval.py)
@@ -782,6 +783,8 @@ def _validate_runtime_keys(cfg: Config, fail) -> None:
         fail("runtime.prefill_buckets", f"must be ≥ 1, got {rt.prefill_buckets}")
     if rt.lod_strip_every < 0:
         fail("runtime.lod_strip_every", f"must be ≥ 0 (0 = never), got {rt.lod_strip_every}")
+    if rt.decode_kernel not in ("auto", "xla", "pallas"):
+        fail("runtime.decode_kernel", f"must be auto, xla or pallas, got {rt.decode_kernel!r}")
 
 
 def _validate_eval_keys(cfg: Config, fail) -> None:

@@ -19,7 +19,11 @@ see, is the caller's (the engines in `mcjax/runtime`).
 - `extend`: P new rows attend to the cache under `old_mask` [B, P, W] and to each other under
   `new_mask` [B, P, P] (True = may attend; a row must at least see itself), in one softmax
   over both parts; then they are written to `slots` [B, P] (an out-of-range slot drops
-  the row). A decode step is `extend` with P = 1.
+  the row). The cache rebuilds and ingests use it.
+- `decode`: one new entry per stream, the decode step: each layer first writes the entry's
+  key and value to its slot, then the entry attends to the cache's first `lengths` slots —
+  itself among them — in one pass over the cache (`decode_attention`; no mask array, no
+  second softmax part). Both engines keep the slots a token may see a prefix of the cache.
 
 Both take MegaContext's read gate on gist entries (see `GPT.__call__`'s `gist_gate`): the
 per-layer biases [L, N] and which entries are gists — [B, S] for a prefill; the cached
@@ -28,12 +32,16 @@ slots [B, W] and the new rows [B, P] for an extension.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from mcjax.backend import backend
+from mcjax.errors import UserError
 from mcjax.model.attention import causal_attention, gated_logits
+from mcjax.model.decode_kernel import decode_attention_pallas
 from mcjax.model.xent import softcap_logits
 
 Base = Any  # GPT or Llama
@@ -117,6 +125,63 @@ def cached_attention(q, k, v, k_old, v_old, old_mask, new_mask, gate=None):
         "bkgpq,bkqh->bkgph", probs[..., w:], _heads_first(v)
     )
     return _heads_first(out.reshape(b, n, p, h))
+
+
+def decode_attention(q, k_cache, v_cache, lengths, gate=None):
+    """One query per stream over its cache's first `lengths` slots: q [B, N, H]; k_cache,
+    v_cache [B, K, W, H] (query head n reads key/value head n // (N/K)); lengths int32 [B];
+    gate: None or (bias f32 [N], gist bool [B, W] of the slots). Logits and softmax in f32,
+    values in the compute dtype, as `cached_attention`. -> [B, N, H]."""
+    b, n, h = q.shape
+    kv, w = k_cache.shape[1], k_cache.shape[2]
+    qh = q.reshape(b, kv, n // kv, 1, h)
+    logits = jnp.einsum("bkgph,bkwh->bkgpw", qh, k_cache, preferred_element_type=jnp.float32) * h**-0.5
+    if gate is not None:
+        logits = gated_logits(logits, gate[0], gate[1])
+    seen = jnp.arange(w)[None, :] < lengths[:, None]  # [B, W]
+    probs = jax.nn.softmax(jnp.where(seen[:, None, None, None], logits, -jnp.inf), axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgpw,bkwh->bkgph", probs, v_cache).reshape(b, n, h)
+
+
+def decode_kernel_for(choice: str, model: Base, capacity: int) -> str:
+    """The decode attention that runtime.decode_kernel `choice` (auto, xla, pallas) means for
+    `model` and a cache of `capacity` slots: auto is the Pallas kernel on GPU where it applies
+    (at most 16 query heads per key/value head, capacity a multiple of 128 or below it),
+    else XLA's; a Pallas kernel chosen off GPU runs in Pallas' interpreter (tests)."""
+    fits = model.num_query_heads // model.kv_heads <= 16 and (capacity % 128 == 0 or capacity < 128)
+    gpu = backend() == "gpu"
+    if choice == "xla" or (choice == "auto" and not (gpu and fits)):
+        return "xla"
+    if not fits:
+        raise UserError(f"runtime.decode_kernel pallas: {model.num_query_heads // model.kv_heads} query heads per "
+                        f"key/value head and W_max {capacity} (the kernel takes ≤ 16, and a multiple of 128)")
+    return "pallas" if gpu else "pallas_interpret"
+
+
+def decode(model: Base, params, emb: jnp.ndarray, positions: jnp.ndarray, cache: KVCache, slots: jnp.ndarray,
+           lengths: jnp.ndarray, gate=None, kernel: str = "xla"):
+    """One decode step: a new entry per stream, emb [B, 1, D] at positions [B, 1] (raw: no
+    spans), through the model against `cache`; each layer writes the entry's key and value to
+    `slots` int [B] (in range), then the entry attends to the slots [0, lengths) [B], itself
+    among them. gate: None or (bias [L, N], gist bool [B, W] of the slots after the write).
+    kernel: the attention's (`decode_kernel_for`): "xla" (`decode_attention`), "pallas" (the
+    `decode_kernel` module's) or "pallas_interpret" (that kernel in Pallas' interpreter).
+    -> (hidden [B, 1, D], cache)."""
+    attend = decode_attention
+    if kernel != "xla":
+        attend = functools.partial(decode_attention_pallas, interpret=kernel == "pallas_interpret")
+    cos, sin = model.rope(positions, None)
+    x = model.begin(emb)
+    rows = jnp.arange(x.shape[0])
+    ks, vs = [], []
+    for layer, w in enumerate(model.layer_weights(params)):
+        q, k, v = model.attn_in(layer, x, w, cos, sin)
+        ks.append(cache.k[layer].at[rows, :, slots].set(k[:, 0].astype(model.dtype)))
+        vs.append(cache.v[layer].at[rows, :, slots].set(v[:, 0].astype(model.dtype)))
+        g = None if gate is None else (gate[0][layer], gate[1])
+        y = attend(q[:, 0], ks[-1], vs[-1], lengths, g)
+        x = model.attn_out_mlp(x, y[:, None], w)
+    return model.finish(params, x), KVCache(tuple(ks), tuple(vs))
 
 
 def extend(

@@ -179,6 +179,7 @@ class MCRuntime:
         self.margin = collapse_margin(cfg)
         self.sizes = prefill_sizes(self.w, rt.prefill_buckets)
         self.alloc = AllocatorParams.from_config(cfg)
+        self.kernel = kc.decode_kernel_for(rt.decode_kernel, self.gpt, self.w)
 
     # ------------------------------------------------------------------ state
     def init(self, batch: int, seed: int = 0) -> MCState:
@@ -301,9 +302,8 @@ class MCRuntime:
         [B, steps]). With `forced` int32 [B, steps] the tokens are given instead of sampled
         (teacher forcing) and the scan also returns, per position, the log-probability of
         the given token and the greedy choice: -> (state, tokens, logprobs f32, greedy int32)."""
-        gpt, p, w = self.gpt, params["gpt"], self.w
-        b = state.cache_n.shape[0]
-        rows = jnp.arange(b)
+        gpt, p = self.gpt, params["gpt"]
+        rows = jnp.arange(state.cache_n.shape[0])
         bias = self._read_bias(params)
 
         def step(carry, given):
@@ -311,13 +311,11 @@ class MCRuntime:
             split = jax.vmap(jax.random.split)(keys)
             tok, out = next_token(logits, split[:, 1], sampling, given)
             ids = ids.at[rows, length].set(tok, mode="drop")
-            old = jnp.arange(w)[None, None, :] < n[:, None, None]
-            gate = None if bias is None else (bias, cache_lod > 0, jnp.zeros((b, 1), bool))
-            at = n if self.positions == "compact" else length  # RoPE position: its slot, or its place in the stream
-            hidden, cache = kc.extend(gpt, p, kc.embed(gpt, p, tok[:, None]), at[:, None], None, cache,
-                                      old, jnp.ones((b, 1, 1), bool), n[:, None], gate)
             cache_pos = cache_pos.at[rows, n].set(length, mode="drop")
-            cache_lod = cache_lod.at[rows, n].set(0, mode="drop")
+            cache_lod = cache_lod.at[rows, n].set(0, mode="drop")  # slot n: the new (raw) token, then the prefix [0, n]
+            gate = None if bias is None else (bias, cache_lod > 0)
+            at = n if self.positions == "compact" else length  # RoPE position: its slot, or its place in the stream
+            hidden, cache = kc.decode(gpt, p, kc.embed(gpt, p, tok[:, None]), at[:, None], cache, n, n + 1, gate, self.kernel)
             logits = kc.logits(gpt, p, hidden[:, 0])
             return (ids, length + 1, cache, cache_pos, cache_lod, n + 1, logits, split[:, 0]), (tok, *out)
 

@@ -38,6 +38,7 @@ class PlainRuntime:
         self.gpt, self.cfg = gpt, cfg
         self.w = cfg.wc_capacity
         self.r = cfg.runtime.refocus_interval  # tokens per `generate` call, as the MegaContext engine
+        self.kernel = kc.decode_kernel_for(cfg.runtime.decode_kernel, gpt, self.w)
 
     def init(self, batch: int, seed: int = 0) -> PlainState:
         return PlainState(
@@ -72,13 +73,20 @@ class PlainRuntime:
     def decode(self, params, state: PlainState, steps: int, sampling: Sampling, forced=None):
         """Decode `steps` tokens per stream, one `lax.scan`. -> (state, tokens [B, steps]); with
         `forced` int32 [B, steps] as `MCRuntime.decode`: -> (state, tokens, logprobs, greedy)."""
-        ones = jnp.ones(state.length.shape, jnp.int32)
+        gpt, p, w = self.gpt, params["gpt"], self.w
+        rows = jnp.arange(state.length.shape[0])
 
         def step(s: PlainState, given):
             split = jax.vmap(jax.random.split)(s.keys)
             tok, out = next_token(s.logits, split[:, 1], sampling, given)
-            s, hidden = self._extend(params, s, tok[:, None], ones)
-            return s._replace(logits=kc.logits(self.gpt, params["gpt"], hidden[:, 0]), keys=split[:, 0]), (tok, *out)
+            # the token overwrites the slot of the one W positions back, the one that leaves its
+            # window: then every slot in use is in the band, and the slots in use are a prefix
+            slot = s.length % w
+            hidden, cache = kc.decode(gpt, p, kc.embed(gpt, p, tok[:, None]), s.length[:, None], s.cache, slot,
+                                      jnp.minimum(s.length + 1, w), kernel=self.kernel)
+            s = s._replace(cache=cache, ring_pos=s.ring_pos.at[rows, slot].set(s.length), length=s.length + 1,
+                           logits=kc.logits(gpt, p, hidden[:, 0]), keys=split[:, 0])
+            return s, (tok, *out)
 
         state, outs = jax.lax.scan(step, state, None if forced is None else forced.T, length=steps)
         return (state, *(x.T for x in outs))
