@@ -58,6 +58,27 @@ def nbytes(tree) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e9
 
 
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # the SXM parts' peak memory bandwidth
+
+
+def decode_bound(eng: Engine, batch: int) -> dict:
+    """What one decode step must read from memory at least — every weight of the base once (the
+    input embedding table only where a separate head exists: then one row of it) and every
+    stream's whole W_max-slot KV cache — and the time that takes at the device's peak
+    bandwidth. A step decodes one token per stream."""
+    gpt, p = eng.rt.gpt, eng.params["gpt"]
+    weights = nbytes(p) * 1e9
+    if "lm_head" in p:  # untied: the head is read whole, the input table one row per stream
+        table = p["wte"] if "wte" in p else p["embed"]
+        weights -= table.size * table.dtype.itemsize
+    itemsize = jax.numpy.dtype(gpt.dtype).itemsize
+    cache = batch * gpt.depth * 2 * gpt.kv_heads * eng.cfg.wc_capacity * gpt.head_dim * itemsize
+    kind = jax.devices()[0].device_kind
+    peak = next((v for name, v in HBM_BYTES_PER_S.items() if name in kind), float("nan"))
+    return {"step_weights_gb": weights / 1e9, "step_cache_gb": cache / 1e9,
+            "hbm_bound_ms_per_step": (weights + cache) / peak * 1e3}
+
+
 def measure(run: LoadedRun, kind: str, batch: int, history: int, blocks: int, trace: str = "", hlo: str = "") -> dict:
     rng = np.random.default_rng(0)
     vocab = run.cfg.dataset.vocab_size
@@ -90,8 +111,9 @@ def measure(run: LoadedRun, kind: str, batch: int, history: int, blocks: int, tr
         "ingest_tok_per_sec": batch * history / ingest_s, "first_sync_ms": sync_ms,
         "blocks": len(ms), "block_ms_median": float(np.median(ms)), "block_ms_p99": float(np.percentile(ms, 99)),
         "token_ms_median": float(np.median(ms)) / r, "token_ms_p99": float(np.percentile(ms, 99)) / r,
-        "state_gb": nbytes(eng.state), "params_gb": nbytes(eng.params), **device_memory(),
+        "state_gb": nbytes(eng.state), "params_gb": nbytes(eng.params), **device_memory(), **decode_bound(eng, batch),
     }
+    out["bound_fraction"] = out["hbm_bound_ms_per_step"] / out["token_ms_median"]  # per step: B tokens
     if trace:
         profile(eng, f"{trace}/{kind}_b{batch}")
     if hlo:  # the decode block's program as XLA compiled it (fusions, copies, loops)
@@ -209,6 +231,8 @@ def main(argv=None) -> int:
         plain = [x for x in results if x.get("engine") == "plain" and x["batch"] == b]
         for x in results:
             if plain and x.get("engine") == "mc" and x["batch"] == b:
+                print(f"batch {b}, plain: {plain[0]['token_ms_median']:.3f} ms per step, the HBM bound "
+                      f"{plain[0]['hbm_bound_ms_per_step']:.3f} ({plain[0]['bound_fraction']:.0%} of it reached)", flush=True)
                 print(f"batch {b}, LensNet {x['lens']}: MC/plain per-token latency median "
                       f"{x['token_ms_median'] / plain[0]['token_ms_median']:.3f}, p99 "
                       f"{x['token_ms_p99'] / plain[0]['token_ms_p99']:.3f}", flush=True)
