@@ -195,7 +195,9 @@ class RuntimeConfig:
     collapse_margin: int = -1  # when forced collapses must make room, free this many entries more (fewer cache rebuilds); -1 = W_max/16
     prefill_buckets: int = 2  # cache rebuild sizes after a refocus: W, W/16, W/256, ... (1 = always the whole WC)
     lod_strip_every: int = 8  # refocuses between LOD strips in `mcjax infer` (0 = never)
-    decode_kernel: str = "auto"  # the decode step's attention: pallas (one split-K kernel, GPU), xla, auto = pallas on GPU
+    # the decode step's attention: xla, or pallas (one split-K Triton kernel; on an H100 at d12 W_max 8,192 its merge of the
+    # splits costs more than it saves: 0.853 vs 0.819 ms per step, bench/RESULTS.md); off GPU it runs in Pallas' interpreter
+    decode_kernel: str = "xla"
 
 
 RETRIEVAL_METHODS = ("full", "megacontext", "recency")  # the retrieval suite's engines (eval/retrieval.py)
@@ -783,8 +785,8 @@ def _validate_runtime_keys(cfg: Config, fail) -> None:
         fail("runtime.prefill_buckets", f"must be ≥ 1, got {rt.prefill_buckets}")
     if rt.lod_strip_every < 0:
         fail("runtime.lod_strip_every", f"must be ≥ 0 (0 = never), got {rt.lod_strip_every}")
-    if rt.decode_kernel not in ("auto", "xla", "pallas"):
-        fail("runtime.decode_kernel", f"must be auto, xla or pallas, got {rt.decode_kernel!r}")
+    if rt.decode_kernel not in ("xla", "pallas"):
+        fail("runtime.decode_kernel", f"must be xla or pallas, got {rt.decode_kernel!r}")
 
 
 def _validate_eval_keys(cfg: Config, fail) -> None:

@@ -5,7 +5,8 @@ A run is named by its directory `<out_dir>/runs/<run>/` (or just `<run>`, looked
 `artifacts/runs/`); its checkpoints are `<out_dir>/checkpoints/<run>/<step>/`. The config
 is the mirror the run wrote (`config.yaml`), with `a.b=value` overrides on top (runtime
 and allocator settings; a changed model shape is reported as a mismatch with the
-checkpoint). The tokenizer is the copy in the run directory, else the dataset's.
+checkpoint). The tokenizer is the copy in the run directory, else the dataset's, else a
+pretrained base's own.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mcjax.checkpoint import Checkpointer
-from mcjax.config import Config, load_config
+from mcjax.config import Config, base_model_dir, load_config
 from mcjax.data.prep import tokenizer_path
-from mcjax.data.tokenizer import Tokenizer
+from mcjax.data.tokenizer import Tokenizer, base_tokenizer_file
 from mcjax.errors import UserError
 
 RUNS = Path("artifacts") / "runs"
@@ -52,8 +53,14 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
-    own = run_dir / TOKENIZER
-    return Tokenizer.load(own if own.is_file() else tokenizer_path(cfg))
+    """The run's copy of its tokenizer, else the prepared data's, else — a pretrained base — the
+    base's own (prep checked that the data's vocabulary is the base's): a run restored on a
+    machine where its data was never prepared still loads. DataError naming the prepared data's
+    path when none is there."""
+    candidates = [run_dir / TOKENIZER, tokenizer_path(cfg)]
+    if cfg.pretrained:
+        candidates.append(base_tokenizer_file(base_model_dir(cfg)))
+    return Tokenizer.load(next((p for p in candidates if p.is_file()), tokenizer_path(cfg)))
 
 
 def load_run(run: str | Path, overrides: Sequence[str] = (), step: int | None = None) -> LoadedRun:

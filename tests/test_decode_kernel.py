@@ -58,13 +58,12 @@ def test_the_kernel_equals_xla_and_a_numpy_softmax(b, n, kv, w, gated):
 
 def test_the_kernel_choice_per_backend(tmp_path, monkeypatch):
     gpt = fake_run(tmp_path).model.gpt  # 4 heads, 4 key/value heads
-    assert kc.decode_kernel_for("auto", gpt, 1024) == "xla"  # CPU
-    assert kc.decode_kernel_for("pallas", gpt, 1024) == "pallas_interpret"
     assert kc.decode_kernel_for("xla", gpt, 1024) == "xla"
+    assert kc.decode_kernel_for("pallas", gpt, 1024) == "pallas_interpret"  # CPU: the interpreter
     monkeypatch.setenv(ENV, "gpu")
-    assert kc.decode_kernel_for("auto", gpt, 1024) == "pallas"
-    assert kc.decode_kernel_for("auto", gpt, 1000) == "xla"  # not a multiple of 128: XLA's
-    with pytest.raises(UserError, match="runtime.decode_kernel pallas: .* W_max 1000"):
+    assert kc.decode_kernel_for("pallas", gpt, 1024) == "pallas"
+    assert kc.decode_kernel_for("pallas", gpt, 64) == "pallas"  # one block of 64
+    with pytest.raises(UserError, match=r"runtime.decode_kernel pallas takes .*: this base has 1, W_max is 1000"):
         kc.decode_kernel_for("pallas", gpt, 1000)
 
 

@@ -353,6 +353,29 @@ def _gguf_cfg(root: Path, base: Path, **dataset) -> dict:
     return raw
 
 
+def test_a_restored_run_without_tokenizer_or_prepared_data_reads_the_gguf_base_s(tiny, tmp_path):
+    """load_tokenizer: the run's copy, else the prepared data's, else the GGUF base's own; with
+    none of them the error names the prepared data's path."""
+    from mcjax.restore import load_tokenizer
+
+    directory, model = tiny["llama"]
+    write_model(tmp_path / "base.gguf", model, directory / "tokenizer.json", arch="llama")
+    cfg = config_from_dict(_gguf_cfg(tmp_path, tmp_path / "base.gguf"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    text = "To be, or not to be"
+    expected = Tokenizer.load(directory / "tokenizer.json").encode_batch([text])
+    assert load_tokenizer(cfg, run_dir).encode_batch([text]) == expected  # neither copy exists: the base's
+    from mcjax.data.tokenizer import train_bpe
+
+    train_bpe(["a different vocabulary, or not"] * 20, 300).save(run_dir / "tokenizer.json")
+    assert load_tokenizer(cfg, run_dir).encode_batch([text]) != expected  # the run's own copy comes first
+    (tmp_path / "base.gguf").unlink()
+    (run_dir / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match=r"tokenizer.json: tokenizer file not found"):
+        load_tokenizer(cfg, run_dir)
+
+
 def test_broken_files_are_one_line_and_nothing_is_written(real, tmp_path):
     blob = real.path.read_bytes()
     cases = {

@@ -23,7 +23,8 @@ see, is the caller's (the engines in `mcjax/runtime`).
 - `decode`: one new entry per stream, the decode step: each layer first writes the entry's
   key and value to its slot, then the entry attends to the cache's first `lengths` slots —
   itself among them — in one pass over the cache (`decode_attention`; no mask array, no
-  second softmax part). Both engines keep the slots a token may see a prefix of the cache.
+  second softmax part). Both engines keep the slots a token may see a prefix of the cache, so
+  the mask is a length per stream.
 
 Both take MegaContext's read gate on gist entries (see `GPT.__call__`'s `gist_gate`): the
 per-layer biases [L, N] and which entries are gists — [B, S] for a prefill; the cached
@@ -144,18 +145,16 @@ def decode_attention(q, k_cache, v_cache, lengths, gate=None):
 
 
 def decode_kernel_for(choice: str, model: Base, capacity: int) -> str:
-    """The decode attention that runtime.decode_kernel `choice` (auto, xla, pallas) means for
-    `model` and a cache of `capacity` slots: auto is the Pallas kernel on GPU where it applies
-    (at most 16 query heads per key/value head, capacity a multiple of 128 or below it),
-    else XLA's; a Pallas kernel chosen off GPU runs in Pallas' interpreter (tests)."""
-    fits = model.num_query_heads // model.kv_heads <= 16 and (capacity % 128 == 0 or capacity < 128)
-    gpu = backend() == "gpu"
-    if choice == "xla" or (choice == "auto" and not (gpu and fits)):
+    """The decode attention that runtime.decode_kernel `choice` (xla, pallas) means for `model`
+    and a cache of `capacity` slots: "xla", "pallas" on GPU, "pallas_interpret" (Pallas'
+    interpreter) elsewhere. UserError where the kernel does not apply (more than 16 query
+    heads per key/value head, or a capacity of 128 or more that is not a multiple of 128)."""
+    if choice == "xla":
         return "xla"
-    if not fits:
-        raise UserError(f"runtime.decode_kernel pallas: {model.num_query_heads // model.kv_heads} query heads per "
-                        f"key/value head and W_max {capacity} (the kernel takes ≤ 16, and a multiple of 128)")
-    return "pallas" if gpu else "pallas_interpret"
+    if model.num_query_heads // model.kv_heads > 16 or (capacity % 128 and capacity >= 128):
+        raise UserError(f"runtime.decode_kernel pallas takes ≤ 16 query heads per key/value head and W_max a multiple "
+                        f"of 128: this base has {model.num_query_heads // model.kv_heads}, W_max is {capacity}")
+    return "pallas" if backend() == "gpu" else "pallas_interpret"
 
 
 def decode(model: Base, params, emb: jnp.ndarray, positions: jnp.ndarray, cache: KVCache, slots: jnp.ndarray,
