@@ -6,8 +6,8 @@ XLA computes that as separate kernels — the logits (a batched matrix-vector pr
 gate and mask, a max, an exp-sum, the weighted sum of values — each one small and launched
 per layer. Here one kernel does all of it: the grid is (stream, key/value head, split of
 the cache), each program walks its split's slots below `lengths` in blocks of `block_k`
-keys with the online softmax (running max m, sum l, unnormalised output o, in f32), and the
-splits' partial results are merged by XLA in one small fusion. A program whose split lies
+keys with the online softmax (running max m, sum l, unnormalised output o, in f32), and XLA
+merges the splits' partial results. A program whose split lies
 wholly past `lengths` does no work, so a short cache costs little.
 
 The query heads that share a key/value head (grouped-query attention) are one tile of
