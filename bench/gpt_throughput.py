@@ -220,7 +220,7 @@ def summarize_trace(log_dir: str, steps: int, top: int = 70) -> str:
                 busy_lo = ev.start_ns if busy_lo is None else min(busy_lo, ev.start_ns)
                 busy_hi = ev.end_ns if busy_hi is None else max(busy_hi, ev.end_ns)
     lines = [f"GPU kernel time per step: {total / steps:.2f} ms; first..last kernel span per step: "
-             f"{((busy_hi or 0) - (busy_lo or 0)) / 1e6 / steps:.2f} ms"]
+             f"{((busy_hi or 0) - (busy_lo or 0)) / 1e6 / steps:.2f} ms; kernels per step: {sum(count.values()) / steps:.0f}"]
     lines += [f"  {c:14s} {v / steps:8.2f} ms" for c, v in cats.most_common()]
     lines.append(f"top {top} (hlo op | kernel): ms/step, calls/step")
     lines += [f"  {v / steps:8.3f}  {count[k] / steps:6.1f}  {k}" for k, v in by_op.most_common(top)]
