@@ -67,6 +67,19 @@ def test_the_kernel_choice_per_backend(tmp_path, monkeypatch):
         kc.decode_kernel_for("pallas", gpt, 1000)
 
 
+def test_the_gpt_s_fused_projections_compute_the_same_layers(tmp_path):
+    """kv_cache.fuse_projections on the GPT: wq | wk | wv in one matmul (the engines' params);
+    a prefill through them equals the model's forward."""
+    run = fake_run(tmp_path)
+    gpt, params = run.model.gpt, run.params["gpt"]
+    fused = kc.fuse_projections(params)
+    assert "wqkv" in fused["blocks"] and not {"wq", "wk", "wv"} & fused["blocks"].keys()
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 40)))
+    pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    hidden, _ = kc.prefill(gpt, fused, kc.embed(gpt, fused, ids), pos)
+    np.testing.assert_allclose(hidden, gpt.apply({"params": params}, ids), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["mc", "plain"])
 def test_both_kernels_decode_the_same_tokens(tmp_path, kind):
     """Greedy generation past W_max (the MegaContext engine refocuses, the plain one's ring

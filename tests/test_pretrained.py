@@ -105,6 +105,23 @@ def test_kv_cache_prefill_and_decode_equal_the_full_forward(checkpoints):
     assert cache.k[0].shape == (2, 2, 24, 16)  # K = 2 kv heads, not N = 4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_projections_compute_the_same_layers(checkpoints, family):
+    """kv_cache.fuse_projections (the engines' params): q | k | v and gate | up in one matmul
+    each, qwen2's q/k/v biases with them — a prefill through the fused params equals the
+    model's forward, and the separate matrices are gone."""
+    directory, _ = checkpoints[family]
+    model, params = _load(directory)
+    fused = kc.fuse_projections(params)
+    blocks = fused["blocks"]
+    assert {"qkv", "gate_up"} <= blocks.keys() and not {"q", "k", "v", "gate", "up"} & blocks.keys()
+    assert ("qkv_bias" in blocks) == (family == "qwen2")
+    ids = jnp.asarray(IDS[:, :24])
+    pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    hidden, _ = kc.prefill(model, fused, kc.embed(model, fused, ids), pos)
+    np.testing.assert_allclose(hidden, model.apply({"params": params}, ids), atol=1e-5)
+
+
 def test_sharded_load_equals_the_single_device_load(checkpoints):
     directory, _ = checkpoints["qwen2"]
     if jax.device_count() < 4:  # run this test again in a process with 8 CPU devices

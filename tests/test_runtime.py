@@ -117,7 +117,7 @@ def test_mc_engine_equals_the_full_forward_while_the_history_fits(run):
         tokens.append(int(tok[0, 0]))
         got.append(np.asarray(eng.state.logits)[0])
         at.append(len(tokens))
-    ref = _full_logits(run.model.gpt, eng.params["gpt"], tokens)
+    ref = _full_logits(run.model.gpt, params["gpt"], tokens)  # the model's own params (the engine fuses projections)
     np.testing.assert_allclose(np.stack(got), ref[np.asarray(at) - 1], atol=TOL)
     assert (np.asarray(eng.state.block_lod) == 0).all()
 
@@ -125,7 +125,7 @@ def test_mc_engine_equals_the_full_forward_while_the_history_fits(run):
 def _synced_equals_prefill(eng: Engine) -> int:
     """Sync the cache, check it against a fresh prefill of the assembled working context
     (every valid row of every layer, and the next-token logits); return the rebuild size."""
-    gpt, gp = eng.rt.gpt, eng.params["gpt"]
+    gpt, gp = eng.rt.gpt, eng.run.params["gpt"]  # the model's own params, not the engine's fused ones
     n_old, pos_old, lod_old = jax.device_get((eng.state.cache_n, eng.state.cache_pos, eng.state.cache_lod))
     size = eng.sync()
     wc = jax.device_get(eng.rt.working_context(eng.params, eng.state, W))
@@ -185,7 +185,7 @@ def test_plain_engine_is_sliding_window_attention(tmp_path):
     first = eng.next_logits()[0]
     out = np.concatenate(list(eng.generate(2 * R, Sampling(temperature=0.0))), axis=1)[0]
     tokens = prompt + out.tolist()
-    gpt, gp = run.model, eng.params["gpt"]
+    gpt, gp = run.model, run.params
     n = len(tokens)
     pos = jnp.arange(n)[None]
     band = (pos[0, :, None] >= pos[0, None, :]) & (pos[0, :, None] - pos[0, None, :] < 16)

@@ -45,14 +45,14 @@ def _save_dots_policy():
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
-def _attn_in(x, wq, wk, wv, cos, sin, head_dim):
-    """Pre-norm, q/k/v projections, RoPE and QK-norm. x [B, T, D] -> q, k, v [B, T, N, H]."""
+def _attn_in(x, wq, wk, wv, cos, sin, head_dim, wqkv=None):
+    """Pre-norm, q/k/v projections, RoPE and QK-norm. x [B, T, D] -> q, k, v [B, T, N, H].
+    With `wqkv` ([D, 3D]: wq | wk | wv, `GPT.FUSED`) one matmul instead of three."""
     b, t, d = x.shape
-    n = wq.shape[1] // head_dim
     h = rms_norm(x)
-    q = (h @ wq).reshape(b, t, n, head_dim)
-    k = (h @ wk).reshape(b, t, n, head_dim)
-    v = (h @ wv).reshape(b, t, n, head_dim)
+    q, k, v = jnp.split(h @ wqkv, 3, axis=-1) if wqkv is not None else (h @ wq, h @ wk, h @ wv)
+    n = q.shape[-1] // head_dim
+    q, k, v = (y.reshape(b, t, n, head_dim) for y in (q, k, v))
     return rms_norm(apply_rope(q, cos, sin)), rms_norm(apply_rope(k, cos, sin)), v
 
 
@@ -273,6 +273,8 @@ class GPT(nn.Module):
         return split_layers(ws, self.depth)
 
     def attn_in(self, i: int, x, w, cos, sin, key=None):
+        if "wqkv" in w:
+            return _attn_in(x, None, None, None, cos, sin, self.head_dim, w["wqkv"])
         return _attn_in(x, w["wq"], w["wk"], w["wv"], cos, sin, self.head_dim)
 
     def attn_out_mlp(self, x, y, w, key=None):

@@ -65,6 +65,28 @@ def empty_cache(model: Base, batch: int, capacity: int) -> KVCache:
     return KVCache(*(tuple(jnp.zeros(shape, model.dtype) for _ in range(model.depth)) for _ in range(2)))
 
 
+# Sibling projections that read the same input: the GPT's, then the Llama family's.
+FUSED = {"wqkv": ("wq", "wk", "wv"), "qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def fuse_projections(params) -> dict:
+    """A base's params (no LoRA adapters: merged) with each group of `FUSED` projections
+    concatenated along their outputs — biases too, where all of a group have one — so a
+    layer runs one matmul where it ran two or three. A decode step is bound by its number
+    of kernels, not its bytes, and XLA emits each matmul of one token as its own kernel
+    (bench/RESULTS.md); `attn_in` / `attn_out_mlp` of both bases read either form. The
+    same numbers up to summation order."""
+    blocks = dict(params["blocks"])
+    for fused, parts in FUSED.items():
+        biased = [f"{p}_bias" in blocks for p in parts]
+        if not all(p in blocks for p in parts) or any(biased) != all(biased):
+            continue
+        blocks[fused] = jnp.concatenate([blocks.pop(p) for p in parts], axis=-1)
+        if all(biased):
+            blocks[f"{fused}_bias"] = jnp.concatenate([blocks.pop(f"{p}_bias") for p in parts], axis=-1)
+    return {**params, "blocks": blocks}
+
+
 def embed(model: Base, params, tokens: jnp.ndarray) -> jnp.ndarray:
     """tokens int [...] -> embeddings [..., D] in the compute dtype (`embed`)."""
     return model.embed_tokens(params, tokens)

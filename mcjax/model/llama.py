@@ -285,9 +285,14 @@ class Llama(nn.Module):
         s = self.spec
         b, t, _ = x.shape
         h = rms_norm_weighted(x, w["attn_norm"], s.rms_norm_eps)
-        q = self._proj(h, w, "q", key).reshape(b, t, s.num_heads, s.head_dim)
-        k = self._proj(h, w, "k", key).reshape(b, t, s.num_kv_heads, s.head_dim)
-        v = self._proj(h, w, "v", key).reshape(b, t, s.num_kv_heads, s.head_dim)
+        if "qkv" in w:  # q | k | v in one matmul (kv_cache.fuse_projections)
+            nq, nk = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+            q, k, v = jnp.split(self._proj(h, w, "qkv", key), [nq, nq + nk], axis=-1)
+        else:
+            q, k, v = (self._proj(h, w, name, key) for name in ("q", "k", "v"))
+        q = q.reshape(b, t, s.num_heads, s.head_dim)
+        k = k.reshape(b, t, s.num_kv_heads, s.head_dim)
+        v = v.reshape(b, t, s.num_kv_heads, s.head_dim)
         if s.uses_rope(i):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
@@ -297,7 +302,11 @@ class Llama(nn.Module):
         b, t, _ = x.shape
         x = x + self._proj(y.reshape(b, t, -1), w, "o", key)
         h = rms_norm_weighted(x, w["mlp_norm"], self.spec.rms_norm_eps)
-        return x + self._proj(jax.nn.silu(self._proj(h, w, "gate", key)) * self._proj(h, w, "up", key), w, "down", key)
+        if "gate_up" in w:  # gate | up in one matmul (kv_cache.fuse_projections)
+            gate, up = jnp.split(self._proj(h, w, "gate_up", key), 2, axis=-1)
+        else:
+            gate, up = self._proj(h, w, "gate", key), self._proj(h, w, "up", key)
+        return x + self._proj(jax.nn.silu(gate) * up, w, "down", key)
 
 
 def rope_frequencies_of(spec: LlamaSpec) -> jnp.ndarray:

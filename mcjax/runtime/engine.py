@@ -6,7 +6,10 @@
     for block in engine.generate(128, Sampling(temperature=0.8, top_k=50), seed=0):
         print(engine.tokenizer.decode(block[0]), end="")           # int32 [B, R] per block
 
-It holds the device state (`mc.MCState` or `plain.PlainState`) and the jitted programs
+It holds the device state (`mc.MCState` or `plain.PlainState`), the params its programs read
+(`Engine.params`: the base's in its compute dtype, LoRA adapters folded in, q | k | v and
+gate | up fused into one matrix each by `kv_cache.fuse_projections` — not the model's own tree:
+`Engine.run.params` is) and the jitted programs
 (ingest, generate, score, and for MegaContext the cache rebuilds; the state donated to each),
 picks the rebuild each block needs from the size the previous block reported, cuts
 prompts into chunks of at most `runtime.ingest_chunk` tokens (a power of two ≥ 64 for
@@ -29,6 +32,7 @@ import numpy as np
 
 from mcjax.config import runtime_capacity, validate_runtime
 from mcjax.errors import UserError
+from mcjax.model import kv_cache as kc
 from mcjax.model.llama import merge_lora
 from mcjax.restore import LoadedRun, load_run
 from mcjax.runtime.mc import MCRuntime
@@ -116,7 +120,8 @@ class Engine:
         )
         if getattr(gpt, "lora_spec", None) is not None:  # a pretrained base: adapters folded in once
             params = dict(params, gpt=merge_lora(gpt, params["gpt"]))
-        self.params = _compute_params(params, gpt.dtype)
+        params = _compute_params(params, gpt.dtype)
+        self.params = dict(params, gpt=kc.fuse_projections(params["gpt"]))  # one matmul per group of siblings
         self.block = cfg.runtime.refocus_interval
         self.chunk = cfg.runtime.ingest_chunk if kind == "mc" else plain_chunk(cfg.runtime.ingest_chunk, cfg.wc_capacity,
                                                                                  batch, gpt.num_query_heads)
