@@ -20,7 +20,7 @@ case $mode in
 profile)  # RUNS: tree:model:kernel:engines — tree new (this one) or base (.device/base.tgz, an earlier tree; its
   # kernel field is ignored), model d12 (W_max 8,192) or smol (2,048), runtime.decode_kernel, engines (mc+plain)
   if [ -f .device/base.tgz ]; then rm -rf /root/base && mkdir -p /root/base && tar -C /root/base -xzf .device/base.tgz; fi
-  for spec in ${RUNS:-new:d12:auto:mc+plain new:smol:auto:mc+plain}; do
+  for spec in ${RUNS:-new:d12:xla:mc+plain new:smol:xla:mc+plain}; do
     IFS=: read -r v m kernel engines <<< "$spec"
     dir=.; extra=(runtime.decode_kernel=$kernel)
     [ "$v" = base ] && dir=/root/base && extra=()

@@ -57,10 +57,11 @@ def load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
     base's own (prep checked that the data's vocabulary is the base's): a run restored on a
     machine where its data was never prepared still loads. DataError naming the prepared data's
     path when none is there."""
-    candidates = [run_dir / TOKENIZER, tokenizer_path(cfg)]
+    prepared = tokenizer_path(cfg)
+    candidates = [run_dir / TOKENIZER, prepared]
     if cfg.pretrained:
         candidates.append(base_tokenizer_file(base_model_dir(cfg)))
-    return Tokenizer.load(next((p for p in candidates if p.is_file()), tokenizer_path(cfg)))
+    return Tokenizer.load(next((p for p in candidates if p.is_file()), prepared))
 
 
 def load_run(run: str | Path, overrides: Sequence[str] = (), step: int | None = None) -> LoadedRun:

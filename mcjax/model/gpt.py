@@ -47,7 +47,7 @@ def _save_dots_policy():
 
 def _attn_in(x, wq, wk, wv, cos, sin, head_dim, wqkv=None):
     """Pre-norm, q/k/v projections, RoPE and QK-norm. x [B, T, D] -> q, k, v [B, T, N, H].
-    With `wqkv` ([D, 3D]: wq | wk | wv, `GPT.FUSED`) one matmul instead of three."""
+    With `wqkv` ([D, 3D]: wq | wk | wv, `kv_cache.fuse_projections`) one matmul instead of three."""
     b, t, d = x.shape
     h = rms_norm(x)
     q, k, v = jnp.split(h @ wqkv, 3, axis=-1) if wqkv is not None else (h @ wq, h @ wk, h @ wv)
@@ -273,9 +273,7 @@ class GPT(nn.Module):
         return split_layers(ws, self.depth)
 
     def attn_in(self, i: int, x, w, cos, sin, key=None):
-        if "wqkv" in w:
-            return _attn_in(x, None, None, None, cos, sin, self.head_dim, w["wqkv"])
-        return _attn_in(x, w["wq"], w["wk"], w["wv"], cos, sin, self.head_dim)
+        return _attn_in(x, w.get("wq"), w.get("wk"), w.get("wv"), cos, sin, self.head_dim, w.get("wqkv"))
 
     def attn_out_mlp(self, x, y, w, key=None):
         return _attn_out_mlp(x, y, w["wo"], w["w_fc"], w["w_proj"])

@@ -173,9 +173,10 @@ def decode_kernel_for(choice: str, model: Base, capacity: int) -> str:
     heads per key/value head, or a capacity of 128 or more that is not a multiple of 128)."""
     if choice == "xla":
         return "xla"
-    if model.num_query_heads // model.kv_heads > 16 or (capacity % 128 and capacity >= 128):
+    groups = model.num_query_heads // model.kv_heads
+    if groups > 16 or (capacity % 128 and capacity >= 128):
         raise UserError(f"runtime.decode_kernel pallas takes ≤ 16 query heads per key/value head and W_max a multiple "
-                        f"of 128: this base has {model.num_query_heads // model.kv_heads}, W_max is {capacity}")
+                        f"of 128: this base has {groups}, W_max is {capacity}")
     return "pallas" if backend() == "gpu" else "pallas_interpret"
 
 
