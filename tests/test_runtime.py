@@ -26,7 +26,7 @@ from mcjax.model import kv_cache as kc
 from mcjax.model.gpt import GPT
 from mcjax.restore import LoadedRun
 from mcjax.runtime import Engine, Sampling
-from mcjax.runtime.mc import allocate, enter_as_gists
+from mcjax.runtime.mc import _fit, allocate, enter_as_gists, fit_streams
 from mcjax.train.setup import build_parts
 
 K, T, W, R = 8, 64, 64, 8  # block, training length, W_max, refocus interval
@@ -313,6 +313,47 @@ def test_long_random_streams_keep_every_invariant(seed, policy, margin):
         res = t - np.maximum(new_last[: length // K], 0)
         assert stats["mean_residency"] == pytest.approx(res.sum() / max(length // K, 1), rel=1e-6)
         lod, last = jnp.asarray(new), jnp.asarray(new_last)
+
+
+def test_the_fallback_passes_run_only_for_a_batch_with_a_stream_over_budget():
+    """`fit_streams` (the engine's batched fallback, a branch taken only when a stream is over
+    W − R) equals `_fit` stream by stream: a batch with one stream over (all raw) and one
+    under (all gists) — the first fitted with budget overrides, the second untouched — and a
+    batch with none over, returned as it came with no overrides."""
+    cfg, _, n1, high = _alloc_harness("greedy", 0)
+    alloc, length = AllocatorParams.from_config(cfg), 200
+    zeros = (jnp.zeros((cfg.runtime.max_tokens,), jnp.int32), jnp.zeros((n1, 1)), jnp.zeros((n1 // K, 1)))
+    present = np.arange(n1) < length // K
+    over = jnp.zeros(n1, jnp.int8)  # every block raw: 200 entries, W − R = 56
+    under = jnp.asarray(np.where(present & (np.arange(n1) < length // K - 3), 1, 0), jnp.int8)  # 22 gists + 24 raw
+
+    def batch(*lods):
+        lod = jnp.stack(lods)
+        wc = jax.vmap(lambda l: assemble(l, *zeros, W + 64, length=jnp.int32(length),
+                                         embed=lambda ids: jnp.zeros(ids.shape + (1,))))(lod)
+        rng = np.random.default_rng(len(lods))
+        scores = jnp.asarray(rng.uniform(-1, 1, (len(lods), W + 64)), jnp.float32)
+        b = len(lods)
+        rest = (jnp.full((b, n1), 3, jnp.int32), jnp.full((b,), length, jnp.int32), jnp.full((b,), 4, jnp.int32),
+                jax.random.split(jax.random.key(0), b), jnp.full((b,), high - 16, jnp.int32))
+        return lod, wc, scores, rest
+
+    lod, wc, scores, (last, n, t, keys, budget) = batch(over, under)
+    got = jax.jit(lambda *a: fit_streams(*a, alloc, budget, high))(lod, wc, scores, last, n, t, keys)
+    for i in range(2):
+        one = jax.tree.map(lambda x: x[i], (wc, scores))
+        want = _fit(lod[i], *one, last[i], n[i], t[i], keys[i], alloc, budget[i], high)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g[i]), np.asarray(w))
+    assert int(got[2][0]) > 0 and int(got[2][1]) == 0
+    assert entry_count(np.asarray(got[0][0])[: length // K], K) <= high
+    np.testing.assert_array_equal(np.asarray(got[0][1]), np.asarray(under))
+
+    lod, wc, scores, (last, n, t, keys, budget) = batch(under, under)
+    same = fit_streams(lod, wc, scores, last, n, t, keys, alloc, budget, high)
+    np.testing.assert_array_equal(np.asarray(same[0]), np.asarray(lod))
+    np.testing.assert_array_equal(np.asarray(same[1]), np.asarray(last))
+    np.testing.assert_array_equal(np.asarray(same[2]), np.zeros(2, np.int32))
 
 
 def test_a_long_stream_keeps_its_budget_in_use():

@@ -51,7 +51,8 @@ new tokens overflow it, forced collapses make room — down to W − R − colla
 the next overflow (and its rebuild from an early slot) comes that many entries later. The budget is hard (the cache
 has W slots): if cooldown blocks every collapse that could make room, up to two further
 passes ignore cooldown (but never the tail) and take forced collapses only
-(`budget_overrides` counts their collapses).
+(`budget_overrides` counts their collapses); the engine runs them only when a stream is
+still over, a branch taken once per refocus.
 """
 
 from __future__ import annotations
@@ -128,6 +129,19 @@ def _fit(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc
         lod, last_changed = jnp.where(over, f_lod, lod), jnp.where(over, f_last, last_changed)
         overrides += jnp.where(over, f_st["num_collapses"], 0)
     return lod, last_changed, overrides
+
+
+def fit_streams(lod, wc: WorkingContext, scores, last_changed, length, step, keys, alloc: AllocatorParams, budget, high: int):
+    """`_fit` over a batch of streams [B, ...], run only when one of them is still over W − R:
+    a branch outside the vmap (its predicate read once per refocus) instead of two allocator
+    passes in every block. The same result as `_fit` per stream."""
+    def fit(lod, last):
+        return jax.vmap(lambda l, w, s, c, n, i, k, b: _fit(l, w, s, c, n, i, k, alloc, b, high))(
+            lod, wc, scores, last, length, step, keys, budget
+        )
+
+    over = (jax.vmap(lambda l, n: entries(l, alloc.k, n))(lod, length) > high).any()
+    return jax.lax.cond(over, fit, lambda l, c: (l, c, jnp.zeros(l.shape[:1], jnp.int32)), lod, last_changed)
 
 
 def _summary(lod, last_changed, st, overrides, length, step, alloc: AllocatorParams, high: int) -> dict:
@@ -229,9 +243,7 @@ class MCRuntime:
             state.block_lod, *args, state.last_changed, t.length, state.step, state.keys
         )
 
-        lod, last, overrides = jax.vmap(lambda l, w, s, c, n, i, k, b: _fit(l, w, s, c, n, i, k, alloc, b, high))(
-            lod, *args, last, t.length, state.step, state.keys, budget
-        )
+        lod, last, overrides = fit_streams(lod, *args, last, t.length, state.step, state.keys, alloc, budget, high)
         stats = jax.vmap(lambda *a: _summary(*a, alloc, high))(lod, last, st, overrides, t.length, state.step)
         keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
         state = state._replace(
