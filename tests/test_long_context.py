@@ -13,6 +13,7 @@ import pytest
 from mcjax.config import config_from_dict
 from mcjax.data.variants import VariantSpec, policy_start, sample_layouts, variant_capacity
 from mcjax.errors import ConfigError
+from mcjax.megacontext.allocator import AllocatorParams
 from mcjax.megacontext.layout import check_layout, entry_count
 from mcjax.model.megacontext import build_megacontext
 from mcjax.train.focus_eval import needle_rank
@@ -66,6 +67,19 @@ def test_on_policy_variants_are_valid_layouts_within_budget_that_differ_from_the
     greedy = policy_params(cfg, explore=False)
     again = [np.asarray(fw.policy(params, tree, jnp.asarray(lay[:, -1]), 1, W, jax.random.key(s), greedy)[0]) for s in (2, 3)]
     assert (again[0] == again[1]).all(), "the greedy (validation) policy depends on the key"
+
+
+def test_training_policy_uses_the_engines_spans(tmp_path):
+    """The on-policy variants and the validation probe expand as the runtime engine does:
+    allocator.span_blocks / span_back reach the training policy's allocator (they did not,
+    and the engine expanded pairs that training never labelled)."""
+    raw = _long(tmp_path)
+    raw["allocator"] = {"span_blocks": 2, "span_back": 1}
+    cfg = config_from_dict(raw)
+    engine = AllocatorParams.from_config(cfg)
+    for explore in (True, False):
+        p = policy_params(cfg, explore=explore)
+        assert (p.span_blocks, p.span_back) == (engine.span_blocks, engine.span_back) == (2, 1)
 
 
 @pytest.mark.parametrize(

@@ -69,8 +69,8 @@ def _flat(wc: WorkingContext) -> WorkingContext:
 def policy_params(cfg, *, explore: bool) -> AllocatorParams:
     """The allocator that makes on-policy layouts: thresholds off (LensNet's best-ranked swaps
     are always taken), `megacontext.policy_rounds` rounds of up to allocator.max_replacements
-    collapses then expands, no cooldown. explore: Gumbel top-k at policy_temperature (training
-    labels); else greedy (validation). Its budget (w_max) is set per layout by `MCForward.policy`."""
+    collapses then expands, no cooldown, the engine's spans (allocator.span_blocks, span_back).
+    explore: Gumbel top-k at policy_temperature (training labels); else greedy (validation). Its budget (w_max) is set per layout by `MCForward.policy`."""
     mc = cfg.megacontext
     return AllocatorParams(
         k=cfg.dataset.block_size,
@@ -86,6 +86,8 @@ def policy_params(cfg, *, explore: bool) -> AllocatorParams:
         policy="stochastic" if explore else "greedy",
         temperature=mc.policy_temperature,
         fill_units=fill_units(cfg.wc_capacity, cfg.dataset.block_size) if cfg.allocator.fill else 0,
+        span_blocks=cfg.allocator.span_blocks,  # the engine's spans: a layout trained on is one the engine would choose
+        span_back=cfg.allocator.span_back,
     )
 
 
