@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Device script for SmolLM2-135M (issues 27 and 28) on one H100, in back-to-back calls of ≤ 10
 # minutes on one warm machine (files under /root survive between them). The GGUF (98 MB) travels
-# in two halves (a call carries ≤ 64 MiB): .device/gguf/part00, then part01; the wheels jax lacks
-# there travel in .whl/ (bench/RESULTS.md).
+# in two halves (a call carries ≤ 64 MiB, the tracked tree ~13 MiB of it): .device/gguf/part00 (its
+# first 46,000,000 bytes: `head -c`), then part01 (the rest: `tail -c +46000001`), and SHA256 (of
+# the whole file); the wheels jax lacks there (grain, tensorboardX, array-record, portpicker, gguf)
+# travel in .whl/ (bench/RESULTS.md).
 #   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1
 #   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH (edit_group = $EDIT_GROUPS if set; random weights of the real shapes)
 #   bash bench/smollm2_h100.sh runtime # decode latency, MC vs plain, 64k history, at W_max $WMAX (default 2048 8192),
@@ -123,10 +125,12 @@ fresh)  # a second call with LENGTHS set evaluates the same one-step run at more
   ;;
 ckpt)
   ck=/root/art/checkpoints/smollm2_135m_mc
+  latest=$(ls "$ck" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
+  [ -n "$latest" ] || { echo "no checkpoint under $ck"; exit 1; }
+  # parts of an older checkpoint (a training call ran since) are packed again
+  [ "$(cat /root/ckpt_out/STEP 2>/dev/null)" = "$latest" ] || rm -rf /root/ckpt_out
   if [ ! -f /root/ckpt_out/SHA256 ]; then
-    latest=$(ls "$ck" | grep -E '^[0-9]+$' | sort -n | tail -1)
-    [ -n "$latest" ] || { echo "no checkpoint under $ck"; exit 1; }
-    mkdir -p /root/ckpt_out
+    mkdir -p /root/ckpt_out && echo "$latest" > /root/ckpt_out/STEP
     tar -C /root/art -cf /root/ckpt_out/ckpt.tar --exclude="checkpoints/smollm2_135m_mc/[0-9]*" checkpoints/smollm2_135m_mc \
       && tar -C /root/art -rf /root/ckpt_out/ckpt.tar "checkpoints/smollm2_135m_mc/$latest"
     (cd /root/ckpt_out && split -b 15m ckpt.tar part && sha256sum ckpt.tar | cut -c1-64 > SHA256 && rm ckpt.tar)
