@@ -102,6 +102,11 @@ class GistNetConfig:
     # out, so a fresh gist cannot drown what is raw); training opens it where gists help.
     read_gate: bool = False
     read_gate_init: float = -8.0
+    # The bias is read_gate_init + read_gate_scale × the learned offset: Adam moves a parameter by about
+    # its learning rate per step whatever the gradient, so at scale 1 and controller_lr 1e-3 the gate
+    # opens by at most ~0.001 a step (a 479-step SmolLM2 run: offsets ≤ 0.35, the gate still shut at
+    # −7.7; bench/RESULTS.md); scale 8 lets it open from −8 within ~1,000 steps
+    read_gate_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -726,6 +731,8 @@ def _validate_megacontext(cfg: Config, fail) -> None:
     heads = g.num_heads or max(1, gist_width // hd)
     if g.num_heads < 0 or gist_width % heads or (gist_width // heads) % 2:
         fail("gistnet.num_heads", f"must split gistnet width {gist_width} into even-sized heads, got {g.num_heads}")
+    if not g.read_gate_scale > 0:
+        fail("gistnet.read_gate_scale", f"must be > 0 (the learned offset's factor in the read gate's bias), got {g.read_gate_scale}")
     if lens.layers < 1:
         fail("lensnet.layers", f"must be ≥ 1, got {lens.layers}")
     lens_dim = lens.dim or dim

@@ -135,3 +135,31 @@ def test_a_megacontext_step_trains_the_gate(tmp_path):
     assert opened > 1e-4
     shut = dict(params, gistnet=dict(params["gistnet"], read_gate=jnp.full((2, 2), -1e9)))
     assert np.abs(np.asarray(jax.grad(loss)(shut)["gistnet"]["read_gate"])).max() < 1e-6 * opened  # nothing reads gists
+
+
+def test_the_gate_scale_multiplies_the_learned_offset_in_training_and_runtime(tmp_path):
+    """gistnet.read_gate_scale: bias = read_gate_init + scale × offset, the same in training's
+    forward (`MCForward.gist_gate`) and the runtime engine; a scale ≤ 0 is one clear error."""
+    from mcjax.errors import ConfigError
+    from mcjax.megacontext.layout import WorkingContext
+    from mcjax.runtime.mc import MCRuntime
+    from mcjax.train.mc_step import MCForward
+    from mcjax.train.setup import build_parts
+
+    gist = {"kind": "mean", "read_gate": True, "read_gate_init": -2.0, "read_gate_scale": 4.0}
+    mc = {"enabled": True, "recent_tokens": 16, "train_wc_length": 0.5, "curriculum_start": 0.5}
+    cfg = config_from_dict(tiny_config(tmp_path, dataset={"block_size": 8, "horizon": 8}, gistnet=gist, megacontext=mc))
+    parts = build_parts(cfg)
+    params = parts.fresh().params
+    offset = jnp.asarray([[0.25, -0.5], [0.0, 1.0]], jnp.float32)
+    params = dict(params, gistnet=dict(params["gistnet"], read_gate=offset))
+    want = np.array([[-1.0, -4.0], [-2.0, 2.0]], np.float32)
+    np.testing.assert_allclose(read_bias(params["gistnet"], -2.0, 4.0), want)
+    wc = WorkingContext(*(jnp.zeros((1, 4)) for _ in WorkingContext._fields))._replace(lod=jnp.asarray([[0, 1, 1, 0]]))
+    bias, is_gist = MCForward(parts.model, cfg).gist_gate(params, wc)
+    np.testing.assert_allclose(bias, want)
+    assert np.asarray(is_gist).tolist() == [[False, True, True, False]]
+    np.testing.assert_allclose(MCRuntime(parts.model, cfg)._read_bias(params), want)
+    with pytest.raises(ConfigError, match=r"gistnet.read_gate_scale: must be > 0 .*got 0.0$"):
+        config_from_dict(tiny_config(tmp_path, dataset={"block_size": 8, "horizon": 8},
+                                     gistnet=dict(gist, read_gate_scale=0.0), megacontext=mc))

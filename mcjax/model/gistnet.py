@@ -218,13 +218,14 @@ class GistNet(nn.Module):
         return y.reshape(*lead, d)
 
 
-def read_bias(gistnet_params: dict, init: float) -> jnp.ndarray | None:
+def read_bias(gistnet_params: dict, init: float, scale: float = 1.0) -> jnp.ndarray | None:
     """The base's attention-logit bias toward gist entries, f32 [L, N]: `init` (gistnet.read_gate_init,
     e.g. −8: a gist weighs e⁻⁸ of a raw key with the same logit, about as if its span were left
-    out) plus the learned offset; None when the GistNet has no read gate."""
+    out) plus `scale` (gistnet.read_gate_scale: how fast the optimizer can open it) times the
+    learned offset; None when the GistNet has no read gate."""
     if "read_gate" not in gistnet_params:
         return None
-    return init + gistnet_params["read_gate"].astype(jnp.float32)
+    return init + scale * gistnet_params["read_gate"].astype(jnp.float32)
 
 
 def build_gistnet(cfg) -> GistNet:

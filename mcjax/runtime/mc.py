@@ -216,7 +216,8 @@ class MCRuntime:
     # ------------------------------------------------------------------ pieces
     def _read_bias(self, params):
         """The base's read gate on gist entries [L, N] (gistnet.read_gate), or None."""
-        return read_bias(params["gistnet"], self.cfg.gistnet.read_gate_init)
+        g = self.cfg.gistnet
+        return read_bias(params["gistnet"], g.read_gate_init, g.read_gate_scale)
 
     def _embed(self, params):
         return lambda ids: kc.embed(self.gpt, params["gpt"], ids)

@@ -219,7 +219,8 @@ class MCForward:
 
     def gist_gate(self, params, wc: WorkingContext):
         """The base's read gate on the WCs' gist entries (gistnet.read_gate), or None."""
-        bias = read_bias(params["gistnet"], self.cfg.gistnet.read_gate_init)
+        g = self.cfg.gistnet
+        bias = read_bias(params["gistnet"], g.read_gate_init, g.read_gate_scale)
         return None if bias is None else (bias, wc.lod > 0)
 
     def scores(self, params, wc: WorkingContext):
