@@ -70,7 +70,8 @@ def policy_params(cfg, *, explore: bool) -> AllocatorParams:
     """The allocator that makes on-policy layouts: thresholds off (LensNet's best-ranked swaps
     are always taken), `megacontext.policy_rounds` rounds of up to allocator.max_replacements
     collapses then expands, no cooldown, the engine's spans (allocator.span_blocks, span_back).
-    explore: Gumbel top-k at policy_temperature (training labels); else greedy (validation). Its budget (w_max) is set per layout by `MCForward.policy`."""
+    explore: Gumbel top-k at policy_temperature (training labels); else greedy (validation).
+    Its budget (w_max) is set per layout by `MCForward.policy`."""
     mc = cfg.megacontext
     return AllocatorParams(
         k=cfg.dataset.block_size,
