@@ -318,7 +318,7 @@ def test_long_random_streams_keep_every_invariant(seed, policy, margin):
 def test_the_fallback_passes_run_only_for_a_batch_with_a_stream_over_budget():
     """`fit_streams` (the engine's batched fallback, a branch taken only when a stream is over
     W − R) equals `_fit` stream by stream: a batch with one stream over (all raw) and one
-    under (all gists) — the first fitted with budget overrides, the second untouched — and a
+    under (gists but its last 3 blocks) — the first fitted with budget overrides, the second untouched — and a
     batch with none over, returned as it came with no overrides."""
     cfg, _, n1, high = _alloc_harness("greedy", 0)
     alloc, length = AllocatorParams.from_config(cfg), 200

@@ -42,7 +42,7 @@ import optax
 
 from mcjax.megacontext import edits as E
 from mcjax.megacontext import losses as L
-from mcjax.megacontext.allocator import AllocatorParams, entries, fill_units, never_changed, refocus, unit_scores
+from mcjax.megacontext.allocator import AllocatorParams, entries, never_changed, refocus, unit_scores
 from mcjax.megacontext.attention_rival import rival_scores, tail_attention
 from mcjax.megacontext.layout import WorkingContext, assemble, rope_positions
 from mcjax.megacontext.tree import build_tree
@@ -67,28 +67,20 @@ def _flat(wc: WorkingContext) -> WorkingContext:
 
 
 def policy_params(cfg, *, explore: bool) -> AllocatorParams:
-    """The allocator that makes on-policy layouts: thresholds off (LensNet's best-ranked swaps
-    are always taken), `megacontext.policy_rounds` rounds of up to allocator.max_replacements
-    collapses then expands, no cooldown, the engine's spans (allocator.span_blocks, span_back).
+    """The allocator that makes on-policy layouts: the engine's (`AllocatorParams.from_config`:
+    its spans, fill and replacements) with thresholds off (LensNet's best-ranked swaps are always
+    taken), `megacontext.policy_rounds` rounds of collapses then expands and no cooldown.
     explore: Gumbel top-k at policy_temperature (training labels); else greedy (validation).
     Its budget (w_max) is set per layout by `MCForward.policy`."""
     mc = cfg.megacontext
-    return AllocatorParams(
-        k=cfg.dataset.block_size,
-        w_max=cfg.wc_capacity,
-        recent_tokens=mc.recent_tokens,
-        sink_tokens=mc.sink_tokens,
-        max_lod=mc.max_lod,
-        max_replacements=cfg.allocator.max_replacements,
+    return dataclasses.replace(
+        AllocatorParams.from_config(cfg),
         expand_threshold=-jnp.inf,
         collapse_threshold=-jnp.inf,
         cooldown_steps=0,
         iterations=mc.policy_rounds,
         policy="stochastic" if explore else "greedy",
         temperature=mc.policy_temperature,
-        fill_units=fill_units(cfg.wc_capacity, cfg.dataset.block_size) if cfg.allocator.fill else 0,
-        span_blocks=cfg.allocator.span_blocks,  # the engine's spans: a layout trained on is one the engine would choose
-        span_back=cfg.allocator.span_back,
     )
 
 
