@@ -5,6 +5,8 @@
 #   RUNS="new:d12:pallas:mc+plain base:d12::mc+plain" PROFILE=1 bash bench/decode_h100.sh profile   # carry .whl .device/base.tgz
 #       (base: `git archive HEAD bench configs mcjax | gzip > .device/base.tgz`, the tree before a change)
 #   bash bench/decode_h100.sh bench     # ratios at batch 1 and 8, W_max 2,048 and 8,192, both models ($MODELS)
+#   bash bench/decode_h100.sh equal     # the engine's equalities in the device's dtype (bf16), both models, W_max $WMAX
+#       (default 2,048): bench/engine_equalities.py
 # Extra arguments go to every bench/runtime.py call (e.g. --lens random, key=value overrides).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -41,6 +43,14 @@ bench)
         --json "$OUT/bench.jsonl" "$@" > "$OUT/${m}_w$w.txt" 2>&1; echo "$m W_max $w rc=$?"
       grep "MC/plain" "$OUT/${m}_w$w.txt"
     done
+  done
+  ;;
+equal)
+  for m in ${MODELS:-d12 smol}; do
+    [ "$m" = d12 ] && cfg=("${d12[@]}") || cfg=("${smol[@]}")
+    python3 bench/engine_equalities.py "${cfg[@]}" megacontext.wc_capacity="${WMAX:-2048}" runtime.max_tokens=131072 \
+      telemetry.wandb=disabled --json "$OUT/equal.jsonl" "$@" > "$OUT/equal_$m.txt" 2>&1; echo "$m rc=$?"
+    tail -8 "$OUT/equal_$m.txt"
   done
   ;;
 esac

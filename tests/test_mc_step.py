@@ -115,6 +115,24 @@ def test_all_nets_learn_and_restore_exactly(tmp_path):
     assert set(restored.params) == {"gpt", "gistnet", "lensnet"}
 
 
+def test_the_step_logs_the_read_gate_it_leaves(tmp_path):
+    """mc/read_gate_mean and _max: the base's bias toward gists after the step (read_gate_init +
+    scale × offset, over layers and heads) — the gate's opening shows on the training curves;
+    absent without a gate."""
+    from mcjax.model.gistnet import read_bias
+
+    cfg = _mc_cfg(tmp_path, gistnet={"read_gate": True, "read_gate_init": -3.0, "read_gate_scale": 4.0})
+    *_, state, step = _setup(cfg)
+    for i in range(3):  # the first step's learning rate is 0 (warmup)
+        state, m = step(state, *_batch(cfg, np.random.default_rng(2), i))
+    bias = np.asarray(read_bias(jax.device_get(state.params["gistnet"]), -3.0, 4.0))
+    assert bias.shape == (1, 2) and not np.allclose(bias, -3.0)  # the steps moved it
+    np.testing.assert_allclose([float(m["mc/read_gate_mean"]), float(m["mc/read_gate_max"])], [bias.mean(), bias.max()],
+                               rtol=1e-6)
+    *_, state, step = _setup(_mc_cfg(tmp_path))
+    assert "mc/read_gate_mean" not in step(state, *_batch(_mc_cfg(tmp_path), np.random.default_rng(2), 0))[1]
+
+
 def test_preference_loss_exact():
     costs = jnp.array([[0.0, 0.5, -0.5]])
     deltas = jnp.array([[0.0, 1.0, 2.0]])

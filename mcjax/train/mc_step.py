@@ -444,6 +444,9 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
             stats["edit_ema"] = L.ema_update(state.stats["edit_ema"], labels["edit"].reshape(-1), mc.advantage_ema,
                                              labels["edit_valid"].reshape(-1))
         grad_norms = {f"mc/grad_norm/{k}": optax.tree.norm(g) for k, g in grads.items()}
+        gate = read_bias(params.get("gistnet", {}), cfg.gistnet.read_gate_init, cfg.gistnet.read_gate_scale)
+        if gate is not None:  # the base's attention bias toward gists after this step: is the gate opening?
+            grad_norms.update({"mc/read_gate_mean": gate.mean(), "mc/read_gate_max": gate.max()})
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
         metrics = {
             **metrics,
