@@ -129,8 +129,9 @@ def test_the_step_logs_the_read_gate_it_leaves(tmp_path):
     assert bias.shape == (1, 2) and not np.allclose(bias, -3.0)  # the steps moved it
     np.testing.assert_allclose([float(m["mc/read_gate_mean"]), float(m["mc/read_gate_max"])], [bias.mean(), bias.max()],
                                rtol=1e-6)
-    *_, state, step = _setup(_mc_cfg(tmp_path))
-    assert "mc/read_gate_mean" not in step(state, *_batch(_mc_cfg(tmp_path), np.random.default_rng(2), 0))[1]
+    plain = _mc_cfg(tmp_path)
+    *_, state, step = _setup(plain)
+    assert "mc/read_gate_mean" not in step(state, *_batch(plain, np.random.default_rng(2), 0))[1]
 
 
 def test_preference_loss_exact():

@@ -78,7 +78,7 @@ def test_main_default_out_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_panels_shape() -> None:
     assert [stem for stem, _, _ in PANELS] == ["loss", "delta_nll", "lens", "focus_gap", "focus_nll", "retrieval", "edits",
-                                               "needle", "focus", "latency"]
+                                               "needle", "read_gate", "focus", "latency"]
     assert all(title and names for _, title, names in PANELS)
 
 

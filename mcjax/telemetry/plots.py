@@ -6,7 +6,8 @@ metric, with title, legend and grid. The panels are `loss.png` (train/val/LOD lo
 `delta_nll.png` (ΔNLL of the compressed context vs. the full one) and `lens.png` (LensNet loss,
 preference correlations and policy-score statistics), `edits.png` (the counterfactual edits'
 labels and ranking loss), `focus_gap.png`, `focus_nll.png`, `retrieval.png` and `needle.png`
-(validation of focus: `train/focus_eval.py`). Each PNG is written atomically (temp file +
+(validation of focus: `train/focus_eval.py`), `read_gate.png` (the base's bias toward gists: is the
+read gate opening?). Each PNG is written atomically (temp file +
 `os.replace`). Drawing uses matplotlib's object-oriented API with the Agg canvas, so no global
 pyplot state or backend is touched.
 
@@ -79,6 +80,11 @@ PANELS: tuple[tuple[str, str, list[str]], ...] = (
         "Val task rows: the fact's block in the top k; held raw",
         ["val/needle/recall_at_1_lensnet", "val/needle/recall_at_16_lensnet", "val/needle/recall_at_1_attention",
          "val/needle/recall_at_16_attention", "val/needle/raw_lensnet", "val/needle/raw_recency"],
+    ),
+    (
+        "read_gate",
+        "The base's attention-logit bias toward gists (gistnet.read_gate; 0: a gist weighs as a token)",
+        ["mc/read_gate_mean", "mc/read_gate_max"],
     ),
     ("focus", "Runtime swap rate (actions per LOD1 block, per refocus)", ["runtime/swap_rate"]),
     ("latency", "Runtime latency per decode block (ms)", ["runtime/latency_ms", "runtime/latency_p99"]),

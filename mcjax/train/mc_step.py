@@ -445,12 +445,12 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
                                              labels["edit_valid"].reshape(-1))
         grad_norms = {f"mc/grad_norm/{k}": optax.tree.norm(g) for k, g in grads.items()}
         gate = read_bias(params.get("gistnet", {}), cfg.gistnet.read_gate_init, cfg.gistnet.read_gate_scale)
-        if gate is not None:  # the base's attention bias toward gists after this step: is the gate opening?
-            grad_norms.update({"mc/read_gate_mean": gate.mean(), "mc/read_gate_max": gate.max()})
+        gate = {} if gate is None else {"mc/read_gate_mean": gate.mean(), "mc/read_gate_max": gate.max()}  # opening?
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
         metrics = {
             **metrics,
             **grad_norms,
+            **gate,
             "train/grad_norm": optax.tree.norm(grads),
             "train/lr_mult": lr_multiplier(state.step, total, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac),
         }
