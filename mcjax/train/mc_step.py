@@ -210,10 +210,14 @@ class MCForward:
             value = jnp.concatenate([value, jnp.stack(values, axis=1)], axis=1)
         return cand, jax.vmap(E.predicted_value)(us, cand), value
 
+    def gate_bias(self, params):
+        """The base's attention-logit bias toward gists f32 [L, N] (gistnet.read_gate), or None."""
+        g = self.cfg.gistnet
+        return read_bias(params["gistnet"], g.read_gate_init, g.read_gate_scale)
+
     def gist_gate(self, params, wc: WorkingContext):
         """The base's read gate on the WCs' gist entries (gistnet.read_gate), or None."""
-        g = self.cfg.gistnet
-        bias = read_bias(params["gistnet"], g.read_gate_init, g.read_gate_scale)
+        bias = self.gate_bias(params)
         return None if bias is None else (bias, wc.lod > 0)
 
     def scores(self, params, wc: WorkingContext):
@@ -444,7 +448,7 @@ def make_mc_train_step(model: MegaContextModel, tx: optax.GradientTransformation
             stats["edit_ema"] = L.ema_update(state.stats["edit_ema"], labels["edit"].reshape(-1), mc.advantage_ema,
                                              labels["edit_valid"].reshape(-1))
         grad_norms = {f"mc/grad_norm/{k}": optax.tree.norm(g) for k, g in grads.items()}
-        gate = read_bias(params.get("gistnet", {}), cfg.gistnet.read_gate_init, cfg.gistnet.read_gate_scale)
+        gate = fw.gate_bias(params) if "gistnet" in params else None
         gate = {} if gate is None else {"mc/read_gate_mean": gate.mean(), "mc/read_gate_max": gate.max()}  # opening?
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
         metrics = {
