@@ -197,6 +197,11 @@ class RuntimeConfig:
     # raw and forced collapses keep those whose tokens score best (the SmolLM2 run's retrieval at 8k, passkey /
     # key–value exact: false 0.82 / 0.55, true 1.00 / 0.55, true with allocator.span_blocks 2 1.00 / 0.86; bench/RESULTS.md)
     ingest_gists: bool = False
+    # with ingest_gists: the LOD2 superblocks re-enter as gists at every overflowing chunk too (a superblock an earlier
+    # chunk sent to LOD2, scored before the question came, is decided anew), and that refocus first collapses to LOD2 as
+    # many superblocks holding none of the best-scored blocks as expanding those takes (allocator.exchange: a collapse
+    # frees what an expansion costs) — room beyond the gists of a long history (a 32k one fills half of W_max 2,048)
+    ingest_exchange: bool = False
     collapse_margin: int = -1  # when forced collapses must make room, free this many entries more (fewer cache rebuilds); -1 = W_max/16
     prefill_buckets: int = 2  # cache rebuild sizes after a refocus: W, W/16, W/256, ... (1 = always the whole WC)
     lod_strip_every: int = 8  # refocuses between LOD strips in `mcjax infer` (0 = never)
@@ -794,6 +799,9 @@ def _validate_runtime_keys(cfg: Config, fail) -> None:
         fail("runtime.lod_strip_every", f"must be ≥ 0 (0 = never), got {rt.lod_strip_every}")
     if rt.decode_kernel not in ("xla", "pallas"):
         fail("runtime.decode_kernel", f"must be xla or pallas, got {rt.decode_kernel!r}")
+    if rt.ingest_exchange and not (rt.ingest_gists and cfg.megacontext.max_lod >= 2):
+        fail("runtime.ingest_exchange", "needs runtime.ingest_gists: true and megacontext.max_lod: 2 (it trades superblocks "
+             f"collapsed to LOD2 for expansions), got ingest_gists {rt.ingest_gists}, max_lod {cfg.megacontext.max_lod}")
 
 
 def _validate_eval_keys(cfg: Config, fail) -> None:

@@ -20,6 +20,7 @@ from mcjax.config import config_from_dict
 from mcjax.megacontext.allocator import (
     NEVER,
     AllocatorParams,
+    exchange,
     never_changed,
     refocus,
     residency,
@@ -500,3 +501,93 @@ def test_fill_uses_the_budget(case):
         free = (np.arange(N1) < N1 - tail) & (STEP - last >= p.cooldown_steps) & (new == old)
         supers = ((new == 2) & free)[: N2 * K].reshape(N2, K).all(1)
         assert not ((new == 1) & free).any() and not supers.any(), (render(old), render(new), p)
+
+
+# ----------------------------------------------------------------------------- the exchange
+
+EXCHANGE = jax.jit(exchange)
+
+
+def exchanged(lod, scores, p, room, *, last=None, assembler=ASSEMBLE):
+    lod = np.asarray(lod, np.int8)
+    last = never_changed(lod.shape[0]) if last is None else jnp.asarray(last, jnp.int32)
+    out = EXCHANGE(jnp.asarray(lod), assembler(jnp.asarray(lod)), jnp.asarray(scores, jnp.float32), last,
+                   jnp.int32(STEP), p, jnp.int32(room))
+    new, new_last, n = jax.device_get(out)
+    return np.asarray(new), np.asarray(new_last), int(n)
+
+
+def reference_exchange(lod, scores, last, p, room):
+    """allocator.exchange by a loop: (how many block expansions it pays for, the superblocks
+    it may collapse for them, how many it must)."""
+    n1, n2 = len(lod), len(lod) // K
+    gist, mean0, _ = reference_scores(lod, scores)
+    super_mean = gist[: n2 * K].reshape(n2, K).mean(1)
+    tail, head = -(-p.recent_tokens // K), -(-p.sink_tokens // K)
+    spanned, _ = reference_span(lod, gist, mean0, p.span_blocks, head, p.span_back, tail)
+    b = np.arange(n1)
+    free = (b < n1 - tail) & (b >= head) & (STEP - np.asarray(last) >= p.cooldown_steps)
+    ranked = sorted(np.flatnonzero((lod == 1) & free), key=lambda i: (-spanned[i], -i))
+    ok = [p.max_lod >= 2 and bool(((lod == 1) & free)[s * K : (s + 1) * K].all()) for s in range(n2)]
+    per = room // (K - 1)
+    most = len(ranked) if not p.fill_units else min(len(ranked), p.fill_units + p.iterations * p.max_replacements)
+
+    def spare(e):
+        touched = {i // K for i in ranked[:e]}
+        return [s for s in range(n2) if ok[s] and s not in touched]
+
+    best = next((e for e in range(most, -1, -1) if e <= per + len(spare(e))), 0)
+    return best, spare(best), int(np.clip(best - per, 0, len(spare(best)))), super_mean
+
+
+@st.composite
+def exchange_cases(draw):
+    lod, scores, last, p, seed = draw(cases())
+    p = dataclasses.replace(p, fill_units=draw(st.sampled_from([0, 2])))
+    return lod, scores, last, p, draw(st.integers(-40, 60))
+
+
+@settings(max_examples=400, deadline=None)
+@given(exchange_cases())
+def test_exchange_equals_a_reference_loop(case):
+    """Whatever the layout, scores, masks and room: the exchange collapses exactly as many
+    superblocks as the reference's best affordable expansions need beyond the room, each one
+    holding none of those blocks, the lowest-scored first; nothing else changes."""
+    old, scores, last, p, room = case
+    new, new_last, n = exchanged(old, scores, p, room, last=last)
+    best, spare, need, super_mean = reference_exchange(old, scores, last, p, room)
+    blk_exp, blk_col, sup_exp, sup_col = actions(old, new)
+    assert not (blk_exp.any() or blk_col.any() or sup_exp.any())  # superblock collapses only
+    picked = np.flatnonzero(sup_col)
+    assert n == len(picked) == need, (render(old), room, best, need)
+    assert set(picked) <= set(spare)
+    rest = [s for s in spare if s not in set(picked)]
+    if len(picked) and rest:  # the lowest-scored first
+        assert super_mean[picked].max() <= super_mean[rest].min() + EPS
+    assert (new_last == np.where(new != old, STEP, last)).all()
+    assert entry_count(new, K) == entry_count(old, K) - (K - 1) * need
+
+
+def test_exchange_trades_superblocks_for_the_best_blocks():
+    """16 blocks of 4 (4 superblocks; the last holds the 2-block tail), all gists: 22 entries.
+    Blocks 1, 9 and 6 score best. Room for one expansion (3 entries): expanding the best two
+    takes one collapse, and only superblock 1 holds neither — so block 6 is given up; the
+    refocus that follows (cooldown 1: the collapse stays) expands blocks 1 and 9."""
+    lod = [1] * 14 + [0, 0]
+    per_block = [-0.5] * 16
+    per_block[1], per_block[9], per_block[6] = 0.9, 0.8, 0.7
+    assembler = _assembler(16)
+    p = params(w_max=25, cooldown_steps=1, iterations=1, fill_units=4, expand_threshold=0.95, collapse_threshold=2.0)
+    scores = entry_scores(lod, per_block)
+    scores = np.concatenate([scores, np.zeros(K * 16 - len(scores), np.float32)])
+    new, last, n = exchanged(lod, scores, p, room=3, assembler=assembler)
+    assert render(new) == render(np.array([1] * 4 + [2] * 4 + [1] * 6 + [0, 0])) and n == 1
+    # the refocus reads the scores of the WC they were given for (the layout before the exchange)
+    out, _, stats = jax.device_get(REFOCUS(jnp.asarray(new), assembler(jnp.asarray(lod, jnp.int8)), jnp.asarray(scores),
+                                           jnp.asarray(last), jnp.int32(STEP), jax.random.key(0), p))
+    assert out.tolist() == [1, 0, 1, 1, 2, 2, 2, 2, 1, 0, 1, 1, 1, 1, 0, 0] and stats["entries_after"] == 25
+    # room for both: no collapse; room for none and a superblock short: the best one alone
+    assert exchanged(lod, scores, p, room=6, assembler=assembler)[2] == 0
+    new, _, n = exchanged(lod, scores, p, room=-1, assembler=assembler)
+    assert n == 2 and (new[4:8] == 2).all() and (new[8:12] == 2).all()  # block 1 kept, 9 given up
+    assert exchanged(lod, scores, params(max_lod=1), room=3, assembler=assembler)[2] == 0

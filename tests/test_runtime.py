@@ -435,6 +435,51 @@ def test_an_ingest_as_gists_only_expands_and_ignores_cooldown(tmp_path, monkeypa
     assert lod[5] == 0 and lod.max() == 1 and lod[28:].tolist() == [0, 0], lod.tolist()
 
 
+def test_an_ingest_exchange_trades_superblocks_and_decides_lod2_anew(tmp_path, monkeypatch):
+    """runtime.ingest_exchange (K = 8, W − R = 56, fill to 52, a 2-block tail). A 320-token
+    chunk (40 blocks) enters as 38 gists + the tail: 54 entries, room for no expansion. With a
+    LensNet that wants blocks 5 and 20 (0.9) and nothing else (−0.9), the exchange pays for the
+    best one within the fill's 52: two superblocks holding neither go to LOD2 (the two
+    lowest-scored: 1 and 3), and the refocus's rounds, which may fill to W − R, expand both
+    wanted blocks; without it both stay gists. Then 80 more tokens, and LensNet
+    wants block 12 — in superblock 1, at LOD2: it re-enters as gists, and block 12 comes back
+    raw in this one refocus (with superblock 5's most recent gist, the fill's tie-break)."""
+    import mcjax.runtime.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_PROGRAMS", {})  # the fake LensNet stays out of other tests' programs
+
+    def wants(*blocks):
+        def apply(variables, wc):
+            hit = jnp.zeros(wc.pos.shape, bool)
+            for b in blocks:
+                hit |= (wc.pos < (b + 1) * K) & (wc.pos + wc.span > b * K)
+            return jnp.where(wc.valid, jnp.where(hit, 0.9, -0.9), 0.0)
+        return types.SimpleNamespace(apply=apply)
+
+    def engine(trade: bool) -> Engine:
+        run = fake_run(tmp_path, runtime={"ingest_gists": True, "ingest_exchange": trade, "ingest_chunk": 320})
+        eng = Engine(run, kind="mc", batch=1)
+        eng.rt.lensnet = wants(5, 20)
+        return eng
+
+    plain = engine(False)
+    plain.ingest([_stream(320, 4)])
+    assert np.asarray(plain.state.block_lod)[0, :40].tolist() == [1] * 38 + [0, 0]
+
+    eng = engine(True)
+    eng.ingest([_stream(320, 4)])
+    lod = np.asarray(eng.state.block_lod)[0, :40]
+    assert lod.tolist() == [1] * 5 + [0] + [1] * 2 + [2] * 8 + [1] * 4 + [0] + [1] * 3 + [2] * 8 + [1] * 6 + [0, 0]
+    assert entry_count(lod, K) == 54 - 2 * 7 + 2 * 7
+
+    eng.rt.lensnet = wants(12)
+    eng.ingest([_stream(80, 5)])  # 50 blocks: 48 gists + the tail = 64 entries; 6 superblocks may trade
+    lod = np.asarray(eng.state.block_lod)[0, :50]
+    assert lod[12] == 0 and lod[47] == 0 and (lod[8:16] < 2).all(), lod.tolist()
+    assert entry_count(lod, K) <= 52 and (lod == 2).sum() == 4 * K
+    check_layout(lod, K, recent_tokens=16)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -450,6 +495,10 @@ def test_bad_runtime_input_is_one_clear_error(run, tmp_path):
         config_from_dict(_raw(tmp_path, runtime={"refocus_interval": 12}))
     with pytest.raises(ConfigError, match="megacontext.wc_capacity: .* smaller than the protected tail"):
         config_from_dict(_raw(tmp_path, megacontext={"wc_capacity": 20}))
+    with pytest.raises(ConfigError, match="runtime.ingest_exchange: needs runtime.ingest_gists: true and megacontext.max_lod: 2"):
+        config_from_dict(_raw(tmp_path, runtime={"ingest_exchange": True}))
+    with pytest.raises(ConfigError, match="got ingest_gists True, max_lod 1"):
+        config_from_dict(_raw(tmp_path, runtime={"ingest_exchange": True, "ingest_gists": True}, megacontext={"max_lod": 1}))
     with pytest.raises(ConfigError, match="allocator.policy: must be one of greedy, stochastic"):
         config_from_dict(_raw(tmp_path, allocator={"policy": "best"}))
     with pytest.raises(ConfigError, match="runtime.max_tokens: the most compressed layout of 100,000 tokens"):

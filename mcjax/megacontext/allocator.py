@@ -63,6 +63,10 @@ noise (Gumbel-top-k: sampling without replacement ∝ exp(score / temperature)).
 only orders the candidates (forced collapses included); the threshold tests use the
 clean scores.
 
+`exchange` (the runtime's ingest with `runtime.ingest_exchange`) runs before a refocus that
+only expands: it collapses to LOD2 the superblocks holding none of the best-ranked blocks, as
+many as expanding those takes beyond the room — one collapse frees one expansion's K − 1 entries.
+
 `last_changed` holds the refocus step of each block's last change, or `NEVER` for blocks
 never changed (start from `never_changed(N1)`); `residency` turns it into steps since
 the last change for the residency histogram of the telemetry spec.
@@ -442,6 +446,67 @@ def refocus(
         "token_budget_utilization": after.astype(jnp.float32) / params.w_max,
     }
     return state.lod, state.last_changed, stats
+
+
+def exchange(
+    block_lod: jnp.ndarray,
+    wc: WorkingContext,
+    scores: jnp.ndarray,
+    last_changed: jnp.ndarray,
+    step: jnp.ndarray,
+    params: AllocatorParams,
+    room: jnp.ndarray,
+    length=None,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Superblocks traded for expansions, before a refocus that expands (the runtime's ingest
+    with `runtime.ingest_exchange`). A superblock of K gists collapsed to one LOD2 gist frees
+    K − 1 entries, exactly what expanding one block costs. Rank the free LOD1 blocks by their
+    expand score (spans included, as `refocus` ranks them; ties toward the most recent), best
+    first: the best e can all be expanded when e ≤ ⌊room / (K − 1)⌋ + c(e), with c(e) the
+    collapsible superblocks (complete, all K blocks free gists) that hold none of those e.
+    For the largest such e (at most what one refocus expands: the fill's units plus R per
+    round), collapse as many of those untouched superblocks as it needs beyond the room, the
+    lowest-scored first (−mean of their gists, as `_collapse` ranks them; ties: the oldest),
+    and mark their blocks changed at `step` — a refocus with `cooldown_steps` ≥ 1 then keeps
+    them at LOD2 and spends their room on the best-ranked blocks.
+
+    block_lod, wc, scores, last_changed, step, length as for `refocus` (`params` only its k,
+    max_lod, masks, spans, fill_units, max_replacements and iterations are read); room
+    int32 []: the entries the refocus may still fill (negative when over).
+    -> (block_lod int8 [N1], last_changed int32 [N1], superblocks collapsed int32 [])."""
+    lod = jnp.asarray(block_lod).astype(jnp.int8)
+    n1, k = lod.shape[0], params.k
+    n2 = n1 // k
+    length = jnp.asarray(n1 * k if length is None else length, jnp.int32)
+    last_changed = jnp.asarray(last_changed, jnp.int32)
+    if n2 == 0 or k < 2:  # no superblock to trade (max_lod 1: none is collapsible, below)
+        return lod, last_changed, jnp.zeros((), jnp.int32)
+    us = span_scores(unit_scores(wc, scores, n1, k), lod, params.span_blocks, -(-params.sink_tokens // k),
+                     params.span_back, tail_blocks(n1, params, length))
+    free = free_blocks(last_changed, jnp.zeros(n1, bool), step, params, length)
+    expandable, collapsible = eligible_units(lod, free, params)
+    cand, sup_ok = expandable[:n1], collapsible[n1:]
+    blocks = jnp.arange(n1)
+    _, _, order = jax.lax.sort((-jnp.where(cand, us.expand[:n1], -jnp.inf), -blocks, blocks), num_keys=2)
+    rank = jnp.zeros(n1, jnp.int32).at[order].set(blocks.astype(jnp.int32))
+    sup_of = jnp.where(blocks < n2 * k, blocks // k, n2)  # a trailing partial superblock: none
+    first = jnp.full(n2 + 1, n1, jnp.int32).at[sup_of].min(jnp.where(cand, rank, n1))[:n2]  # its best-ranked candidate
+    touched = jnp.zeros(n1 + 1, jnp.int32).at[jnp.where(sup_ok, first, n1)].add(1)
+    avail = _count(sup_ok) - jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(touched[:n1])])  # c(e), e = 0..N1
+    e = jnp.arange(n1 + 1)
+    per = jnp.floor_divide(jnp.asarray(room, jnp.int32), k - 1)
+    most = _count(cand)
+    if params.fill_units:
+        most = jnp.minimum(most, params.fill_units + params.iterations * params.max_replacements)
+    best = jnp.max(jnp.where((e <= per + avail) & (e <= most), e, 0))
+    need = jnp.clip(best - per, 0, avail[best])
+    spare = sup_ok & (first >= best)  # superblocks holding none of the best `best` blocks
+    sups = jnp.arange(n2)
+    _, _, by = jax.lax.sort((-jnp.where(spare, us.collapse[n1:], -jnp.inf), sups, sups), num_keys=2)
+    pick = jnp.zeros(n2, bool).at[by].set(spare[by] & (sups < need))
+    hit = jnp.concatenate([pick, jnp.zeros(1, bool)])[sup_of]
+    return (jnp.where(hit, 2, lod).astype(jnp.int8), jnp.where(hit, jnp.asarray(step, jnp.int32), last_changed),
+            _count(pick))
 
 
 def never_changed(num_blocks: int) -> jnp.ndarray:

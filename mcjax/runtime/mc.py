@@ -24,8 +24,10 @@ How they move:
                  runtime.ingest_gists, when the chunk overflows W − R every raw block but
                  the tail and head becomes a gist (`enter_as_gists`: the recency layout)
                  and that refocus only expands (cooldown ignored), the best-scored over
-                 the whole history. No base model: only the final working context needs a
-                 cache, and `rebuild` makes it.
+                 the whole history; with runtime.ingest_exchange the LOD2 superblocks
+                 re-enter as gists too and that refocus first trades superblocks for
+                 expansions (`allocator.exchange`). No base model: only the final working
+                 context needs a cache, and `rebuild` makes it.
   rebuild(size)  bring the cache up to date with the layout. An entry's RoPE position is
                  its global position or its slot (megacontext.positions), so a cache row
                  stays valid while its entry and every entry before it are unchanged:
@@ -64,7 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from mcjax.config import collapse_margin, runtime_capacity
-from mcjax.megacontext.allocator import AllocatorParams, entries, free_blocks, never_changed, refocus, residency
+from mcjax.megacontext.allocator import AllocatorParams, entries, exchange, free_blocks, never_changed, refocus, residency
 from mcjax.megacontext.layout import WorkingContext, assemble, block_entry_counts, rope_positions
 from mcjax.megacontext.tree import StreamTree, append, empty_stream, refresh
 from mcjax.model import kv_cache as kc
@@ -96,14 +98,29 @@ def prefill_sizes(w: int, buckets: int) -> tuple[int, ...]:
     return (0,) + tuple(sorted({max(w // 16**i, 1) for i in range(buckets)}))
 
 
-def enter_as_gists(lod, length, alloc: AllocatorParams, high: int):
+def enter_as_gists(lod, length, alloc: AllocatorParams, high: int, capacity: int = 0):
     """The layout after a chunk grew a stream to `length` tokens (its new blocks raw): if it
     holds more than `high` entries, every raw block the allocator may edit (not tail or head)
     becomes a gist — the recency layout, from which the refocus expands the best-scored over
-    the whole history, not just the chunk. lod int8 [N1] -> int8 [N1]."""
+    the whole history, not just the chunk. With `capacity` > 0 (`runtime.ingest_exchange`) the
+    LOD2 superblocks become gists again too, when all of it fits `capacity` entries: what an
+    earlier chunk's refocus sent to LOD2, scored before the question came, is decided anew.
+    lod int8 [N1] -> int8 [N1]."""
     n1 = lod.shape[0]
     free = free_blocks(never_changed(n1), jnp.zeros(n1, bool), 0, alloc, length)
-    return jnp.where(free & (lod == 0) & (entries(lod, alloc.k, length) > high), 1, lod).astype(lod.dtype)
+    over = entries(lod, alloc.k, length) > high
+    new = jnp.where(free & (lod == 0) & over, 1, lod)
+    if capacity:  # a LOD2 superblock is never in the tail or head: all of its blocks come back
+        every = jnp.where((new == 2) & over, 1, new)
+        new = jnp.where(entries(every, alloc.k, length) <= capacity, every, new)
+    return new.astype(lod.dtype)
+
+
+def _exchange(lod, wc: WorkingContext, scores, last_changed, length, step, alloc: AllocatorParams, high: int, margin: int):
+    """`runtime.ingest_exchange`: superblocks traded for the expansions the ingest's refocus
+    then makes (`allocator.exchange`), the room being what its fill may still take."""
+    room = high - margin - entries(lod, alloc.k, length)
+    return exchange(lod, wc, scores, last_changed, step, alloc, room, length=length)
 
 
 def _voluntary(lod, wc: WorkingContext, scores, last_changed, length, step, key, alloc: AllocatorParams, high: int, margin: int):
@@ -232,17 +249,23 @@ class MCRuntime:
         t = state.tree
         return jax.vmap(one)(state.block_lod, t.lod0, t.lod1, t.lod2, t.length)
 
-    def _refocus(self, params, state: MCState, capacity: int, active, alloc=None) -> tuple[MCState, dict]:
+    def _refocus(self, params, state: MCState, capacity: int, active, alloc=None, trade=False) -> tuple[MCState, dict]:
         """LensNet scores the WCs (capacity `capacity`); the allocator (`alloc`, default the
         config's) edits the layouts of the `active` [B] streams (the others, and their step
-        counters, stay as they are)."""
+        counters, stay as they are), after trading superblocks for expansions if `trade`."""
         wc = self.working_context(params, state, capacity)
         scores = self.lensnet.apply({"params": params["lensnet"]}, wc)
         high, alloc, t = self.w - self.r, alloc or self.alloc, state.tree
         args = (wc, scores)
+        lod, last = state.block_lod, state.last_changed
+        before = jax.vmap(lambda l, n: entries(l, alloc.k, n))(lod, t.length)
+        traded = jnp.zeros_like(before)
+        if trade:
+            lod, last, traded = jax.vmap(lambda *a: _exchange(*a, alloc, high, self.margin))(lod, *args, last, t.length, state.step)
         lod, last, st, budget = jax.vmap(lambda *a: _voluntary(*a, alloc, high, self.margin))(
-            state.block_lod, *args, state.last_changed, t.length, state.step, state.keys
+            lod, *args, last, t.length, state.step, state.keys
         )
+        st = {**st, "num_collapses": st["num_collapses"] + traded, "entries_before": before}
 
         lod, last, overrides = fit_streams(lod, *args, last, t.length, state.step, state.keys, alloc, budget, high)
         stats = jax.vmap(lambda *a: _summary(*a, alloc, high))(lod, last, st, overrides, t.length, state.step)
@@ -257,12 +280,15 @@ class MCRuntime:
         """Append chunk int32 [B, P] (the first n_valid [B] tokens of each row) and refocus."""
         gist, embed = self._gist(params), self._embed(params)
         tree = jax.vmap(lambda t, c, n: append(gist, t, c, n, embed))(state.tree, chunk, n_valid)
-        lod, alloc = state.block_lod, self.alloc
+        lod, alloc, capacity = state.block_lod, self.alloc, self.w + chunk.shape[1]
+        trade = self.cfg.runtime.ingest_exchange
         if self.cfg.runtime.ingest_gists:  # the history re-enters as gists: this refocus only expands (and forces),
-            # over every block, cooldown ignored (the cache is rebuilt after an ingest anyway)
-            lod = jax.vmap(lambda l, n: enter_as_gists(l, n, self.alloc, self.w - self.r))(lod, tree.length)
-            alloc = dataclasses.replace(alloc, collapse_threshold=2.0, cooldown_steps=0)
-        return self._refocus(params, state._replace(tree=tree, block_lod=lod), self.w + chunk.shape[1], n_valid > 0, alloc)
+            # over every block, cooldown ignored (the cache is rebuilt after an ingest anyway) — but for the
+            # superblocks the exchange collapsed in this very refocus
+            lod = jax.vmap(lambda l, n: enter_as_gists(l, n, self.alloc, self.w - self.r, capacity if trade else 0))(
+                lod, tree.length)
+            alloc = dataclasses.replace(alloc, collapse_threshold=2.0, cooldown_steps=1 if trade else 0)
+        return self._refocus(params, state._replace(tree=tree, block_lod=lod), capacity, n_valid > 0, alloc, trade)
 
     def _unchanged(self, params, state: MCState):
         """(the working contexts [B, W], their cached prefix that is still valid [B], their
