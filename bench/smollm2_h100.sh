@@ -159,7 +159,7 @@ eval)  # EVAL_S: seconds for the suites (each suite rewrites report.md, so what 
     mkdir -p /root/art/runs/smollm2_135m_mc && cp .device/run/config.yaml /root/art/runs/smollm2_135m_mc/ || exit 1
   fi
   if [ -n "${LENGTHS:-}" ]; then
-    retrieval_by_length /root/art/runs/smollm2_135m_mc trained "$@"
+    retrieval_by_length /root/art/runs/smollm2_135m_mc "${TAG:-trained}" "$@"  # TAG: a second set in one call keeps the first
     exit
   fi
   timeout "${EVAL_S:-500}" python3 -m mcjax.cli eval --run /root/art/runs/smollm2_135m_mc base_model.path=$GGUF "$@" \
