@@ -258,14 +258,14 @@ class MCRuntime:
         high, alloc, t = self.w - self.r, alloc or self.alloc, state.tree
         args = (wc, scores)
         lod, last = state.block_lod, state.last_changed
-        before = jax.vmap(lambda l, n: entries(l, alloc.k, n))(lod, t.length)
-        traded = jnp.zeros_like(before)
-        if trade:
+        if trade:  # the ingest only: the decode's refocus stays the program it was
+            before = jax.vmap(lambda l, n: entries(l, alloc.k, n))(lod, t.length)
             lod, last, traded = jax.vmap(lambda *a: _exchange(*a, alloc, high, self.margin))(lod, *args, last, t.length, state.step)
         lod, last, st, budget = jax.vmap(lambda *a: _voluntary(*a, alloc, high, self.margin))(
             lod, *args, last, t.length, state.step, state.keys
         )
-        st = {**st, "num_collapses": st["num_collapses"] + traded, "entries_before": before}
+        if trade:  # the exchange's collapses count as the refocus's; its entries before are the layout's before it
+            st = {**st, "num_collapses": st["num_collapses"] + traded, "entries_before": before}
 
         lod, last, overrides = fit_streams(lod, *args, last, t.length, state.step, state.keys, alloc, budget, high)
         stats = jax.vmap(lambda *a: _summary(*a, alloc, high))(lod, last, st, overrides, t.length, state.step)
