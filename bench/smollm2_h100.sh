@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Device script for SmolLM2-135M (issues 27 and 28) on one H100, in back-to-back calls of ≤ 10
 # minutes on one warm machine (files under /root survive between them). The GGUF (98 MB) travels
-# in two halves (a call carries ≤ 64 MiB, the tracked tree ~13 MiB of it): .device/gguf/part00 (its
-# first 46,000,000 bytes: `head -c`), then part01 (the rest: `tail -c +46000001`), and SHA256 (of
-# the whole file); the wheels jax lacks there (grain, tensorboardX, array-record, portpicker, gguf)
-# travel in .whl/ (bench/RESULTS.md).
-#   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00: install, park half 1
+# in three parts, one per call (a call carries ≤ 64 MiB, the tracked tree ~15 MiB of it, so two
+# halves no longer fit): `split -b 34000000 -d GGUF .device/gguf/part` (part00, part01, part02) and
+# `sha256sum GGUF | cut -c1-64 > .device/gguf/SHA256`. Every mode parks the parts its call carries
+# under /root/gguf; the first that needs the model joins them once all are there and checks the
+# sha256. The wheels jax lacks there (grain, tensorboardX, array-record, portpicker, gguf) travel in
+# .whl/ (bench/RESULTS.md).
+#   bash bench/smollm2_h100.sh setup   # carry .whl .device/gguf/part00 .device/gguf/SHA256: install, park
+#   bash bench/smollm2_h100.sh park    # carry .device/gguf/part01: park it (part02 goes with train, fresh or eval)
 #   bash bench/smollm2_h100.sh bench   # time the step at T = $BENCH (edit_group = $EDIT_GROUPS if set; random weights of the real shapes)
 #   bash bench/smollm2_h100.sh runtime # decode latency, MC vs plain, 64k history, at W_max $WMAX (default 2048 8192),
 #       batch $BATCH (default 1 8), random weights of the real shapes (bench/runtime.py); RT_S seconds per W_max
-#   bash bench/smollm2_h100.sh fresh   # carry .device/gguf/part01: the retrieval suite before any MegaContext
+#   bash bench/smollm2_h100.sh fresh   # carry .device/gguf/part02: the retrieval suite before any MegaContext
 #       training (one step at T = 4,096 makes a run to evaluate: LoRA and LensNet one optimizer step from
 #       their start) at 1k–16k, EVAL_S seconds per length
-#   bash bench/smollm2_h100.sh train   # carry .device/gguf/part01 (first call: joins and checks the GGUF, preps)
+#   bash bench/smollm2_h100.sh train   # carry .device/gguf/part02 (first call: joins and checks the GGUF, preps)
 #   bash bench/smollm2_h100.sh eval    # the run's mcjax eval (EVAL_S seconds), report and curves to $OUT; with
 #       LENGTHS set, the retrieval suite once per length (each one's table kept: a call that runs out of time
 #       keeps the lengths it finished). A run restored from .device/ckpt takes its config.yaml from .device/run
@@ -32,10 +35,17 @@ CFG=configs/smollm2_135m_mc.yaml
 GGUF=/root/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 RUN=(base_model.path=$GGUF telemetry.out_dir=/root/art telemetry.wandb=disabled telemetry.progress=false)
 mode=${1:-setup}; shift || true
-join_gguf() {  # the GGUF from half 1 (parked by setup) and half 2 (carried: .device/gguf/part01), checked
+park_gguf() {  # the GGUF parts and SHA256 this call carries, under /root/gguf
+  for f in .device/gguf/part* .device/gguf/SHA256; do [ -f "$f" ] && cp "$f" /root/gguf/; done
+  ls /root/gguf
+}
+join_gguf() {  # the GGUF from the parked parts, checked against SHA256
+  park_gguf > /dev/null
   [ -f $GGUF ] && return 0
-  cat /root/gguf/part00 .device/gguf/part01 > $GGUF
-  [ "$(sha256sum $GGUF | cut -c1-64)" = "$(cat /root/gguf/SHA256)" ] || { echo "GGUF sha256 mismatch"; rm -f $GGUF; return 1; }
+  cat /root/gguf/part* > $GGUF.tmp
+  [ "$(sha256sum $GGUF.tmp | cut -c1-64)" = "$(cat /root/gguf/SHA256 2>/dev/null)" ] \
+    || { rm -f $GGUF.tmp; echo "GGUF parts under /root/gguf ($(ls /root/gguf | tr '\n' ' ')) do not match SHA256: carry the missing part"; return 1; }
+  mv $GGUF.tmp $GGUF
 }
 retrieval_by_length() {  # RUN_DIR TAG overrides...: the retrieval suite at each of $LENGTHS in turn, EVAL_S
   # seconds each; every length's table, report and log go to /root/evout/TAG_N and, re-packed after each
@@ -62,9 +72,12 @@ PY
   done
 }
 case $mode in
+park)
+  park_gguf
+  ;;
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl
-  cp .device/gguf/part00 /root/gguf/part00 && cp .device/gguf/SHA256 /root/gguf/SHA256
+  park_gguf
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   ;;
 bench)  # the MegaContext step with and without its edits (and the plain step where it fits)

@@ -9,14 +9,17 @@ one the base does not read though it is raw (reading among gists)? ("raw blocks 
 the engine's N block slots at LOD0, the absent ones past the prompt included.)
 
 RANK=1 also prints where LensNet ranks the needle in the layout the ingest's refocus starts from
-(every block a gist but head and tail, `runtime.ingest_gists`): its best block's expand score as
+(every block a gist but head and tail, `runtime.ingest_gists`; with `runtime.ingest_exchange` the
+LOD2 superblocks come back as gists too): its best block's expand score as
 the allocator ranks it (`unit_scores` + `span_scores`: span_blocks, span_back) among all the
-gists', and how many gists the refocus expanded. TASK=kv (or passkey) runs one task only.
+gists', and how many gists the refocus expanded. RANK=recency adds its rank in the layout training's
+policy start has (the most recent blocks raw up to W − R, gists before): does LensNet rank better
+in the layouts it was trained on? TASK=kv (or passkey) runs one task only.
 
 LENS=init swaps the checkpoint's LensNet for the one training starts from (training.seed), the rest
 as trained: how much of the engine's retrieval the trained LensNet adds.
 
-usage (repo root): [LENS=init] [RANK=1] [TASK=kv] PYTHONPATH=. python bench/lens_learnability/eval_layouts.py RUN LENGTH [overrides...]
+usage (repo root): [LENS=init] [RANK=1|recency] [TASK=kv] PYTHONPATH=. python bench/lens_learnability/eval_layouts.py RUN LENGTH [overrides...]
 """
 import dataclasses
 import os
@@ -24,13 +27,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mcjax.eval.data import filler_tokens, load_datasets
 from mcjax.eval.passkey import TASKS, make_prompt
 from mcjax.eval.retrieval import _engine
 from mcjax.eval.setup import plan as make_plan
-from mcjax.megacontext.allocator import span_scores, tail_blocks, unit_scores
+from mcjax.megacontext.allocator import entries, span_scores, tail_blocks, unit_scores
 from mcjax.restore import load_run
 from mcjax.runtime.mc import enter_as_gists
 from mcjax.train.setup import build_parts
@@ -46,21 +50,49 @@ filler = filler_tokens(load_datasets(run), run.tokenizer.bos_id)
 engine = _engine(plan, "megacontext", length, 1)
 
 
-def needle_rank(first: int, last: int) -> str:
-    """LensNet's rank of the needle's best block among the gists of the recency layout."""
+def recency_start(gists, length: int):
+    """The layout training's policy start has (`data/variants.py`): the most recent free gists
+    raw, newest first, while the whole still fits W − R; the rest as in `gists`."""
+    rt = engine.rt
+    lod = np.array(gists)
+    for b in np.flatnonzero(lod == 1)[::-1]:
+        lod[b] = 0
+        if int(entries(jnp.asarray(lod), rt.alloc.k, length)) > rt.w - rt.r:
+            lod[b] = 1
+            break
+    return jnp.asarray(lod, gists.dtype)
+
+
+def rank_in(start, first: int, last: int) -> str:
+    """LensNet's rank of the needle's best block among the gists of layout `start`, its
+    expand scores as the allocator ranks them (spans included)."""
     rt, st = engine.rt, engine.state
-    lod0 = st.block_lod[0]
-    start = enter_as_gists(lod0, st.tree.length[0], rt.alloc, -1)  # every free raw block a gist
     wc = rt.working_context(run.params, st._replace(block_lod=start[None]), rt.w)
     scores = rt.lensnet.apply({"params": run.params["lensnet"]}, wc)
     one = jax.tree.map(lambda x: x[0], wc)
-    n1, p = len(lod0), rt.alloc  # the gists' expand scores as the allocator ranks them (spans included)
+    n1, p = len(start), rt.alloc
     us = span_scores(unit_scores(one, scores[0], n1, k), start, p.span_blocks, -(-p.sink_tokens // k),
                      p.span_back, tail_blocks(n1, p, st.tree.length[0]))
     best = np.where(np.asarray(start) == 1, np.asarray(us.expand[:n1]), -np.inf)
     mine = best[first:last + 1].max()
+    where = f"rank {int((best > mine).sum()) + 1}" if np.isfinite(mine) else "not a gist"  # the head or tail, or LOD2
+    return f"{where} of {int(np.isfinite(best).sum())} gists"
+
+
+def needle_rank(first: int, last: int) -> str:
+    """LensNet's rank of the needle's best block among the gists of the layout the ingest's
+    refocus starts from; with RANK=recency also in training's policy start."""
+    rt, st = engine.rt, engine.state
+    lod0, length = st.block_lod[0], int(st.tree.length[0])
+    # every free raw block a gist; with runtime.ingest_exchange the LOD2 superblocks too, as the
+    # last chunk's refocus starts (when all of it fits W + P)
+    capacity = rt.w + engine.chunk_for(length) if run.cfg.runtime.ingest_exchange else 0
+    start = enter_as_gists(lod0, length, rt.alloc, -1, capacity)
     expanded = int(((np.asarray(lod0) == 0) & (np.asarray(start) == 1)).sum())
-    return f"rank {int((best > mine).sum()) + 1} of {int(np.isfinite(best).sum())} gists ({expanded} expanded)"
+    out = f"{rank_in(start, first, last)} ({expanded} expanded)"
+    if os.environ.get("RANK") == "recency":
+        out += f"; recency start: {rank_in(recency_start(start, length), first, last)}"
+    return out
 
 
 rows, t0 = [], time.time()
