@@ -34,7 +34,8 @@ from mcjax.eval.data import filler_tokens, load_datasets
 from mcjax.eval.passkey import TASKS, make_prompt
 from mcjax.eval.retrieval import _engine
 from mcjax.eval.setup import plan as make_plan
-from mcjax.megacontext.allocator import entries, span_scores, tail_blocks, unit_scores
+from mcjax.megacontext.allocator import span_scores, tail_blocks, unit_scores
+from mcjax.megacontext.layout import recency_baseline
 from mcjax.restore import load_run
 from mcjax.runtime.mc import enter_as_gists
 from mcjax.train.setup import build_parts
@@ -51,15 +52,12 @@ engine = _engine(plan, "megacontext", length, 1)
 
 
 def recency_start(gists, length: int):
-    """The layout training's policy start has (`data/variants.py`): the most recent free gists
-    raw, newest first, while the whole still fits W − R; the rest as in `gists`."""
-    rt = engine.rt
+    """The layout training's policy start has (`data/variants.policy_start`): `recency_baseline`
+    over the blocks present within W − R entries; the absent slots as in `gists`."""
+    rt, n = engine.rt, -(-length // k)
     lod = np.array(gists)
-    for b in np.flatnonzero(lod == 1)[::-1]:
-        lod[b] = 0
-        if int(entries(jnp.asarray(lod), rt.alloc.k, length)) > rt.w - rt.r:
-            lod[b] = 1
-            break
+    lod[:n] = recency_baseline(n, k, rt.w - rt.r, max_lod=rt.alloc.max_lod, sink_tokens=rt.alloc.sink_tokens,
+                               recent_tokens=rt.alloc.recent_tokens)
     return jnp.asarray(lod, gists.dtype)
 
 
